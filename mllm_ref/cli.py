@@ -1,0 +1,253 @@
+"""The ``mllm-ref`` command line.
+
+    mllm-ref tour [--json] [--only FAMILY]       every model-level technique on the tiny VLM, accuracy vs cost
+    mllm-ref eval [--json]                       held-out accuracy of the bundled model
+    mllm-ref list [--json]                       the coverage table of the registry
+    mllm-ref check ID --impl numba|torch|module:function [--json]
+    mllm-ref vectors ID --out DIR                golden test vectors
+    mllm-ref bench [ID] [--json] [--quick]       reference vs fast paths, against this machine's limits
+
+Each command is one ``_add_*`` function (its arguments) and one ``_run_*`` function, listed in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The references run many small matrix products (one token at a time when decoding); a multi-threaded BLAS is
+# slower on those and stalls badly when another process holds the other core. One BLAS thread, unless the user
+# chose otherwise; this must happen before NumPy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def _progress_bar(label: str):
+    """A progress callback ``(done, total)`` drawing a bar on stderr."""
+    last = [-1]
+
+    def update(done: int, total: int) -> None:
+        pct = int(100 * done / max(total, 1))
+        if pct == last[0] and done != total:
+            return
+        last[0] = pct
+        bar = "#" * (pct // 4) + "." * (25 - pct // 4)
+        sys.stderr.write(f"\r{label[:32]:32s} [{bar}] {done}/{total}" + ("\n" if done == total else ""))
+        sys.stderr.flush()
+
+    return update
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- list
+
+
+def _add_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+
+def coverage() -> list[dict]:
+    """One row per technique: ``{id, family, paper, reference, numba, torch, chapter, exercise}``."""
+    from mllm_ref.oracle import registry
+
+    rows = []
+    for t in registry.all_techniques():
+        row = {"id": t.id, "family": t.family, "paper": t.paper, "reference": t.reference_path}
+        for backend in registry.BACKENDS:
+            row[backend] = t.fast_path_path(backend) if t.fast_path(backend) is not None else None
+        row.update({"chapter": t.chapter, "exercise": t.exercise, "model_level": t.model_level})
+        rows.append(row)
+    return rows
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    rows = coverage()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    mark = lambda v: "yes" if v else "-"
+    print(
+        _table(
+            ["technique", "reference", "numba", "torch", "chapter", "exercise"],
+            [[r["id"], r["reference"], mark(r["numba"]), mark(r["torch"]), r["chapter"] or "-", r["exercise"] or "-"] for r in rows],
+        )
+    )
+    print(f"\n{len(rows)} techniques")
+    return 0
+
+
+# ---------------------------------------------------------------- check
+
+
+def _add_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", help="technique id, e.g. nn.attention")
+    p.add_argument("--impl", required=True, help="numba, torch, module:function or path/file.py:function")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cases")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from mllm_ref.oracle.check import check
+
+    verdict = check(args.id, args.impl, seed=args.seed)
+    if args.json:
+        out = {"id": args.id, "impl": args.impl}
+        out.update(verdict.to_json())
+        print(json.dumps(out, indent=2))
+    else:
+        print(("PASS " if verdict.passed else "FAIL ") + verdict.message)
+    return 0 if verdict.passed else 1
+
+
+# ---------------------------------------------------------------- vectors
+
+
+def _add_vectors(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", help="technique id")
+    p.add_argument("--out", required=True, help="folder to write the vectors into")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_vectors(args: argparse.Namespace) -> int:
+    from mllm_ref.oracle.vectors import write_vectors
+
+    path = write_vectors(args.id, args.out, seed=args.seed)
+    files = json.loads(path.read_text())["cases"]
+    print(f"wrote {len(files)} cases and {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", nargs="?", default=None, help="one technique (default: all)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--quick", action="store_true", help="shorter timings (a smoke run)")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from mllm_ref.oracle.bench import bench, format_rows, machine_limits
+
+    limits = machine_limits(args.quick)
+    say = None if args.json else (lambda m: sys.stderr.write(f"\rtiming {m:60s}") or sys.stderr.flush())
+    rows = bench(args.id, quick=args.quick, limits=limits, progress=say)
+    if args.json:
+        print(json.dumps({"limits": limits, "rows": rows}, indent=2))
+    else:
+        sys.stderr.write("\n")
+        print(format_rows(rows, limits))
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--n", type=int, default=100, help="held-out questions per type (6 types)")
+    p.add_argument("--captions", type=int, default=100, help="held-out images to caption")
+    p.add_argument("--weights", default=None, help="folder with tinyvlm.npz and manifest.json (default: shipped)")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from mllm_ref.tinyvlm.evaluate import evaluate
+    from mllm_ref.tinyvlm.model import load
+
+    model = load(args.weights)
+    result = evaluate(model, args.n, n_captions=args.captions, progress=None if args.json else _progress_bar("eval"))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    print(f"held-out VQA accuracy: {result.accuracy:.3f} (n={result.n}, mean over question types)")
+    for qtype, acc in result.by_type.items():
+        print(f"  {qtype:9s} {acc:.3f}")
+    if result.caption_exact_match is not None:
+        print(f"caption exact match: {result.caption_exact_match:.3f} (n={result.n_captions})")
+    return 0
+
+
+# ---------------------------------------------------------------- tour
+
+
+def _add_tour(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--only", default=None, help="only the techniques of this family")
+    p.add_argument("--n", type=int, default=30, help="held-out questions per type")
+    p.add_argument("--captions", type=int, default=20, help="held-out images to caption")
+    p.add_argument("--out", default="build/tour", help="folder for tour.json and tour.png")
+
+
+def _run_tour(args: argparse.Namespace) -> int:
+    from mllm_ref.oracle import registry
+    from mllm_ref.tinyvlm.model import load
+    from mllm_ref.tinyvlm.tour import format_table, run_tour
+
+    if args.only is not None and args.only not in registry.FAMILIES:
+        print(f"error: unknown family {args.only!r}; families: {', '.join(registry.FAMILIES)}", file=sys.stderr)
+        return 2
+    model = load()
+    bars: dict[str, object] = {}
+
+    def progress(tid: str, done: int, total: int) -> None:
+        bars.setdefault(tid, _progress_bar(tid))(done, total)
+
+    rows = run_tour(model, only=args.only, n_per_type=args.n, n_captions=args.captions, progress=None if args.json else progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tour.json").write_text(json.dumps(rows, indent=2) + "\n")
+    try:
+        from mllm_ref.viz import tour_plot
+
+        tour_plot(rows, out / "tour.png")
+        note = f"wrote {out / 'tour.json'} and {out / 'tour.png'}"
+    except ImportError:
+        note = f"wrote {out / 'tour.json'} (matplotlib is not installed: no plot)"
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+        if len(rows) == 1:
+            print("\n(only the baseline: no model-level technique is registered yet)")
+        print(note)
+    return 0
+
+
+COMMANDS = {
+    "tour": (_add_tour, _run_tour, "run every model-level technique on the bundled tiny VLM"),
+    "eval": (_add_eval, _run_eval, "held-out accuracy of the bundled tiny VLM"),
+    "list": (_add_list, _run_list, "the registered techniques and their coverage"),
+    "check": (_add_check, _run_check, "judge an implementation against the reference"),
+    "vectors": (_add_vectors, _run_vectors, "write golden test vectors"),
+    "bench": (_add_bench, _run_bench, "time the reference and the fast paths"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mllm-ref", description="References and oracle for efficient multimodal LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, _, help_text) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except KeyError as exc:  # an unknown technique id: the registry's message lists the known ones
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,392 @@
+"""The tiny VLM's forward pass in NumPy, written once as a plain loop over layers, with plug points.
+
+Path of data (DESIGN.md section 1)::
+
+    image uint8[H, W, 3] -> patchify -> patch embed + position -> ViT blocks -> LayerNorm   (encoder)
+                         -> MLP connector -> visual tokens float32[N, D]                   (connector)
+                         -> token_policy.after_connector
+    [visual tokens, embed(prompt)] -> decoder layers (RMSNorm, GQA attention with RoPE and a KV cache,
+                         SwiGLU) -> RMSNorm -> LM head -> logits                           (prefill)
+    each new token -> decoder layers over the cache -> logits -> decoding plug             (decode)
+
+Every linear layer goes through the ``linear`` plug with its parameter name, every decoder attention through the
+``attention`` plug, every cache operation through the ``kv_policy``; ``token_policy`` may shorten the visual
+sequence after the connector or after any prefill layer, and ``exit_policy`` may stop a decode step early.
+With the default plugs (:data:`mllm_ref.tinyvlm.plugs.NONE`) this is the plain model, and it matches the torch
+twin (:mod:`kernels_torch.tinyvlm.model`) to float32 rounding.
+
+Position ids: every visual token has position id 0 and the text follows at 1, 2, ... (:func:`positions_for`). The
+visual tokens' place in the image is in their content (the encoder's learned position embeddings), not in RoPE, so
+the rotary phase between a text token and any visual token is the same and looking an object up by content does
+not depend on where it lies; this is what the temporal section of Qwen2-VL's M-RoPE does for one image, where all
+patches share one temporal id. Tokens dropped by a token policy leave the position ids of the others unchanged.
+
+Shapes: N visual tokens, P prompt tokens, T = N + P, D decoder width, V vocabulary, H/Hkv query/key-value heads,
+d head size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mllm_ref import _checks
+from mllm_ref.nn.activations import gelu, silu
+from mllm_ref.nn.attention import attention as nn_attention
+from mllm_ref.nn.layernorm import layernorm
+from mllm_ref.nn.linear import linear as nn_linear
+from mllm_ref.nn.patch_embed import patchify
+from mllm_ref.nn.rmsnorm import rmsnorm
+from mllm_ref.nn.rope import rope
+from mllm_ref.tinyvlm import tokenizer
+from mllm_ref.tinyvlm.config import TinyVLMConfig
+from mllm_ref.tinyvlm.plugs import NONE, Plugs, PromptInfo
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class TinyVLM:
+    """Loaded weights: ``params`` maps the torch twin's parameter names to float32 arrays."""
+
+    config: TinyVLMConfig
+    params: dict[str, np.ndarray]
+    manifest: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.params[name]
+
+
+def load(path: str | Path | None = None, *, verify: bool = True) -> TinyVLM:
+    """Load the tiny VLM from a folder with ``tinyvlm.npz`` and ``manifest.json`` (default: the shipped one).
+
+    The weights are read with ``allow_pickle=False``; with ``verify`` the file's sha256 must match the manifest.
+    """
+    folder = WEIGHTS_DIR if path is None else Path(path)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no manifest.json in {folder}; train the model with python -m kernels_torch.tinyvlm.train")
+    manifest = json.loads(manifest_path.read_text())
+    weights_path = folder / manifest.get("weights_file", "tinyvlm.npz")
+    data = weights_path.read_bytes()
+    if verify and hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        raise ValueError(f"{weights_path} does not match the sha256 in {manifest_path}")
+    with np.load(weights_path, allow_pickle=False) as npz:
+        params = {k: npz[k].astype(np.float32) for k in npz.files}
+    cfg = TinyVLMConfig.from_dict(manifest["config"])
+    model = TinyVLM(cfg, params, manifest)
+    _check_params(model)
+    return model
+
+
+def _check_params(model: TinyVLM) -> None:
+    cfg = model.config
+    expected = {
+        "patch.weight": (cfg.vis_dim, cfg.patch_size**2 * cfg.channels),
+        "pos": (cfg.n_patches, cfg.vis_dim),
+        "embed.weight": (cfg.vocab_size, cfg.dim),
+        "lm_head.weight": (cfg.vocab_size, cfg.dim),
+        f"dec.{cfg.layers - 1}.q.weight": (cfg.heads * cfg.head_dim, cfg.dim),
+        f"vis.{cfg.vis_layers - 1}.fc1.weight": (cfg.vis_mlp, cfg.vis_dim),
+    }
+    for name, shape in expected.items():
+        if name not in model.params:
+            raise ValueError(f"weights lack parameter {name!r}")
+        if model.params[name].shape != shape:
+            raise ValueError(f"parameter {name} has shape {model.params[name].shape}, expected {shape}")
+
+
+@dataclass
+class Trace:
+    """What one request did, for cost accounting (filled in by :func:`prefill` and :func:`decode_step`).
+
+    Attributes:
+        n_patches: visual tokens out of the encoder.
+        n_visual: visual tokens entering the decoder (after the connector's token policy).
+        n_prompt: text tokens of the prompt.
+        layer_tokens: tokens each decoder layer processed in the prefill.
+        decode_context: for each decode step, the cached tokens attended over (layer 0).
+        decode_layers: for each decode step, the decoder layers run.
+        kv_bytes: bytes held by all caches after the last step.
+        prefill_seconds, decode_seconds: wall time.
+    """
+
+    n_patches: int = 0
+    n_visual: int = 0
+    n_prompt: int = 0
+    layer_tokens: list[int] = field(default_factory=list)
+    decode_context: list[int] = field(default_factory=list)
+    decode_layers: list[int] = field(default_factory=list)
+    kv_bytes: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class State:
+    """The decoding state after a prefill or a decode step.
+
+    Attributes:
+        caches: one opaque cache value per decoder layer, as the KV policy returned it.
+        next_position: position id of the next token.
+        info: what policies may know of the request.
+    """
+
+    caches: tuple[Any, ...]
+    next_position: int
+    info: PromptInfo
+
+
+def positions_for(n_visual: int, n_text: int) -> np.ndarray:
+    """Position ids ``int64[n_visual + n_text]``: 0 for every visual token, then 1, 2, ... for the text."""
+    return np.concatenate([np.zeros(n_visual, dtype=np.int64), np.arange(1, n_text + 1, dtype=np.int64)])
+
+
+def _lin(plugs: Plugs, model: TinyVLM, x: np.ndarray, name: str) -> np.ndarray:
+    w = model.params[name + ".weight"]
+    b = model.params.get(name + ".bias")
+    if plugs.linear is None:
+        return nn_linear(x, w, b)
+    return plugs.linear(x, w, b, name)
+
+
+def _as_image(image) -> np.ndarray:
+    cfg_channels = 3
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a NumPy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != cfg_channels:
+        raise ValueError(f"image must have shape [H, W, 3], got {image.shape}")
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / np.float32(255.0)
+    image = _checks.float_array(image, "image", ndim=3)
+    if image.min() < 0 or image.max() > 1:
+        raise ValueError("image must be uint8, or float with values in [0, 1]")
+    return image.astype(np.float32)
+
+
+def encode_image(model: TinyVLM, image: np.ndarray, plugs: Plugs = NONE) -> np.ndarray:
+    """Vision encoder and connector: ``image`` ``uint8[H, W, 3]`` -> visual tokens ``float32[N, D]``."""
+    cfg = model.config
+    img = _as_image(image)
+    if img.shape[:2] != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"image must be {cfg.image_size}x{cfg.image_size}, got {img.shape[:2]}")
+    x = _lin(plugs, model, patchify(img - np.float32(0.5), cfg.patch_size), "patch") + model["pos"]
+    hd = cfg.vis_head_dim
+    for i in range(cfg.vis_layers):
+        p = f"vis.{i}."
+        h = layernorm(x, model[p + "ln1.weight"], model[p + "ln1.bias"], eps=cfg.ln_eps)
+        q, k, v = (_lin(plugs, model, h, p + n).reshape(-1, cfg.vis_heads, hd).transpose(1, 0, 2) for n in "qkv")
+        a = nn_attention(q[None], k[None], v[None])[0]
+        x = x + _lin(plugs, model, a.transpose(1, 0, 2).reshape(-1, cfg.vis_dim), p + "o")
+        h = layernorm(x, model[p + "ln2.weight"], model[p + "ln2.bias"], eps=cfg.ln_eps)
+        x = x + _lin(plugs, model, gelu(_lin(plugs, model, h, p + "fc1")), p + "fc2")
+    x = layernorm(x, model["vis_norm.weight"], model["vis_norm.bias"], eps=cfg.ln_eps)
+    return _lin(plugs, model, gelu(_lin(plugs, model, x, "proj1")), "proj2")
+
+
+def _attend(plugs: Plugs, q, k, v, *, causal: bool, want_weights: bool):
+    fn = nn_attention if plugs.attention is None else plugs.attention
+    return fn(q[None], k[None], v[None], causal=causal, return_weights=want_weights)
+
+
+def _decoder_layer(model, plugs, i, x, positions, caches_in, *, causal, want_weights):
+    """One decoder layer over ``x[T, D]``; returns the new hidden state, the layer's new k/v and weights.
+
+    ``caches_in``: ``(k_past, v_past)`` ``[Hkv, S, d]`` to prepend, or ``None`` in the prefill.
+    """
+    cfg = model.config
+    p = f"dec.{i}."
+    hd = cfg.head_dim
+    h = rmsnorm(x, model[p + "norm1.weight"], eps=cfg.rms_eps)
+    q = _lin(plugs, model, h, p + "q").reshape(-1, cfg.heads, hd).transpose(1, 0, 2)
+    k = _lin(plugs, model, h, p + "k").reshape(-1, cfg.kv_heads, hd).transpose(1, 0, 2)
+    v = _lin(plugs, model, h, p + "v").reshape(-1, cfg.kv_heads, hd).transpose(1, 0, 2)
+    q = rope(q, positions, theta=cfg.rope_theta)
+    k = rope(k, positions, theta=cfg.rope_theta)
+    if caches_in is None:
+        k_all, v_all = k, v
+    else:
+        k_all = np.concatenate([caches_in[0], k], axis=1)
+        v_all = np.concatenate([caches_in[1], v], axis=1)
+    out = _attend(plugs, q, k_all, v_all, causal=causal, want_weights=want_weights)
+    a, weights = (out[0][0], out[1][0]) if want_weights else (out[0], None)
+    x = x + _lin(plugs, model, a.transpose(1, 0, 2).reshape(-1, cfg.heads * hd), p + "o")
+    h = rmsnorm(x, model[p + "norm2.weight"], eps=cfg.rms_eps)
+    x = x + _lin(plugs, model, silu(_lin(plugs, model, h, p + "gate")) * _lin(plugs, model, h, p + "up"), p + "down")
+    return x, k, v, weights
+
+
+def logits_from_hidden(model: TinyVLM, hidden: np.ndarray, plugs: Plugs = NONE) -> np.ndarray:
+    """Final RMSNorm and LM head: ``hidden[..., D]`` -> ``logits[..., V]``."""
+    h = rmsnorm(hidden, model["norm.weight"], eps=model.config.rms_eps)
+    return _lin(plugs, model, h, "lm_head")
+
+
+def _prompt_array(prompt_ids) -> np.ndarray:
+    ids = _checks.int_array(prompt_ids, "prompt_ids", ndim=1, low=0, high=len(tokenizer.VOCAB) - 1)
+    if ids.size == 0:
+        raise ValueError("prompt_ids must not be empty")
+    return ids.astype(np.int64)
+
+
+def prefill(
+    model: TinyVLM, image: np.ndarray, prompt_ids, plugs: Plugs = NONE, trace: Trace | None = None
+) -> tuple[np.ndarray, State]:
+    """Encode the image, run the prompt through the decoder and fill the caches.
+
+    Returns:
+        ``(logits[V], state)``: the logits after the last prompt token and the decoding state.
+    """
+    t0 = time.perf_counter()
+    cfg = model.config
+    ids = _prompt_array(prompt_ids)
+    visual = encode_image(model, image, plugs)
+    patch_index = np.arange(visual.shape[0])
+    visual, patch_index = plugs.token_policy.after_connector(visual, patch_index, (cfg.grid, cfg.grid), ids)
+    n_vis = visual.shape[0]
+    info = PromptInfo(n_vis, (cfg.grid, cfg.grid), np.asarray(patch_index), ids)
+    x = np.concatenate([visual.astype(np.float32), model["embed.weight"][ids]], axis=0)
+    positions = positions_for(n_vis, ids.size)
+    caches = []
+    layer_tokens = []
+    for i in range(cfg.layers):
+        want = plugs.token_policy.needs_attention(i) or plugs.kv_policy.needs_attention(i)
+        layer_tokens.append(x.shape[0])
+        x, k, v, weights = _decoder_layer(model, plugs, i, x, positions, None, causal=True, want_weights=want)
+        caches.append(plugs.kv_policy.store(i, k, v, weights, info))
+        keep = plugs.token_policy.in_decoder(i, x, weights, info, positions)
+        if keep is not None:
+            keep = _checks.int_array(keep, "kept indices", ndim=1, low=0, high=x.shape[0] - 1)
+            if keep.size == 0 or np.any(np.diff(keep) <= 0) or keep[-1] != x.shape[0] - 1:
+                raise ValueError("a token policy must keep sorted unique indices including the last token")
+            x, positions = x[keep], positions[keep]
+    logits = logits_from_hidden(model, x[-1], plugs)
+    state = State(tuple(caches), int(ids.size + 1), info)
+    if trace is not None:
+        trace.n_patches, trace.n_visual, trace.n_prompt = cfg.n_patches, n_vis, int(ids.size)
+        trace.layer_tokens = layer_tokens
+        trace.kv_bytes = sum(plugs.kv_policy.nbytes(c) for c in caches)
+        trace.prefill_seconds += time.perf_counter() - t0
+    return logits, state
+
+
+def decode_step(
+    model: TinyVLM, state: State, token: int, plugs: Plugs = NONE, trace: Trace | None = None
+) -> tuple[np.ndarray, State]:
+    """Feed one token and return ``(logits[V], new state)``.
+
+    When the exit policy stops the step after layer ``l``, the hidden state of layer ``l`` is passed on as the
+    input of the skipped layers, whose keys and values for this token are computed from it (CALM's state
+    propagation), so later tokens still find a full cache.
+    """
+    t0 = time.perf_counter()
+    cfg = model.config
+    token = _checks.integer(token, "token", low=0, high=cfg.vocab_size - 1)
+    x = model["embed.weight"][token][None]
+    positions = np.array([state.next_position])
+    caches = list(state.caches)
+    exited_at = None
+    for i in range(cfg.layers):
+        k_past, v_past = plugs.kv_policy.read(i, caches[i])
+        if exited_at is None:
+            want = plugs.kv_policy.needs_attention(i)
+            x, k, v, weights = _decoder_layer(
+                model, plugs, i, x, positions, (k_past, v_past), causal=True, want_weights=want
+            )
+            caches[i] = plugs.kv_policy.extend(i, caches[i], k, v, weights)
+            if i < cfg.layers - 1 and plugs.exit_policy.should_exit(
+                i, x[0], lambda h: logits_from_hidden(model, h, plugs)
+            ):
+                exited_at = i
+        else:  # propagate the exited hidden state into this layer's cache
+            h = rmsnorm(x, model[f"dec.{i}.norm1.weight"], eps=cfg.rms_eps)
+            k = _lin(plugs, model, h, f"dec.{i}.k").reshape(-1, cfg.kv_heads, cfg.head_dim).transpose(1, 0, 2)
+            v = _lin(plugs, model, h, f"dec.{i}.v").reshape(-1, cfg.kv_heads, cfg.head_dim).transpose(1, 0, 2)
+            caches[i] = plugs.kv_policy.extend(i, caches[i], rope(k, positions, theta=cfg.rope_theta), v, None)
+    logits = logits_from_hidden(model, x[0], plugs)
+    new_state = replace(state, caches=tuple(caches), next_position=state.next_position + 1)
+    if trace is not None:
+        trace.decode_context.append(int(plugs.kv_policy.read(0, state.caches[0])[0].shape[1]))
+        trace.decode_layers.append(cfg.layers if exited_at is None else exited_at + 1)
+        trace.kv_bytes = sum(plugs.kv_policy.nbytes(c) for c in caches)
+        trace.decode_seconds += time.perf_counter() - t0
+    return logits, new_state
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The result of :func:`generate`: new token ids (without ``<eos>``), their text, and the trace."""
+
+    tokens: tuple[int, ...]
+    text: str
+    trace: Trace
+
+
+def generate(
+    model: TinyVLM,
+    image: np.ndarray,
+    prompt_ids,
+    *,
+    max_new_tokens: int = 24,
+    plugs: Plugs = NONE,
+    rng: np.random.Generator | None = None,
+) -> Generation:
+    """Prefill, then decode with the ``decoding`` plug until ``<eos>`` or ``max_new_tokens``."""
+    max_new_tokens = _checks.integer(max_new_tokens, "max_new_tokens", low=1)
+    if rng is not None:
+        _checks.generator(rng)
+    trace = Trace()
+    logits, state = prefill(model, image, prompt_ids, plugs, trace)
+    out: list[int] = []
+    for step in range(max_new_tokens):
+        token = plugs.decoding(logits, rng)
+        if token == tokenizer.EOS:
+            break
+        out.append(token)
+        if step + 1 < max_new_tokens:
+            logits, state = decode_step(model, state, token, plugs, trace)
+    return Generation(tuple(out), tokenizer.decode(out), trace)
+
+
+def answer(model: TinyVLM, image: np.ndarray, question: str, plugs: Plugs = NONE, max_new_tokens: int = 24) -> str:
+    """The model's greedy answer to ``question`` about ``image``."""
+    return generate(model, image, tokenizer.prompt_ids(question), max_new_tokens=max_new_tokens, plugs=plugs).text
+
+
+def forward_logits(model: TinyVLM, image: np.ndarray, token_ids, plugs: Plugs = NONE) -> np.ndarray:
+    """Logits ``float32[N + T, V]`` for every position of ``[visual tokens, token_ids]``, with no cache.
+
+    This is the full re-forward that cached decoding must equal, and what the torch twin is compared with.
+    """
+    cfg = model.config
+    ids = _prompt_array(token_ids)
+    visual = encode_image(model, image, plugs)
+    x = np.concatenate([visual, model["embed.weight"][ids]], axis=0)
+    positions = positions_for(visual.shape[0], ids.size)
+    for i in range(cfg.layers):
+        x, _, _, _ = _decoder_layer(model, plugs, i, x, positions, None, causal=True, want_weights=False)
+    return logits_from_hidden(model, x, plugs)
+
+
+def attention_maps(model: TinyVLM, image: np.ndarray, prompt_ids) -> np.ndarray:
+    """Prefill attention of the last prompt token over the visual tokens, per layer and head.
+
+    Returns:
+        ``float32[layers, H, grid, grid]``: the weights the last prompt token gives each image patch.
+    """
+    cfg = model.config
+    ids = _prompt_array(prompt_ids)
+    visual = encode_image(model, image)
+    x = np.concatenate([visual, model["embed.weight"][ids]], axis=0)
+    positions = positions_for(visual.shape[0], ids.size)
+    maps = []
+    for i in range(cfg.layers):
+        x, _, _, w = _decoder_layer(model, NONE, i, x, positions, None, causal=True, want_weights=True)
+        maps.append(w[:, -1, : cfg.n_patches].reshape(cfg.heads, cfg.grid, cfg.grid))
+    return np.stack(maps)

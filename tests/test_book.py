@@ -1,0 +1,52 @@
+"""Every chapter of the book executes from top to bottom without an error cell, and imports rather than defines
+technique code."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+BOOK = Path(__file__).resolve().parents[1] / "book"
+CHAPTERS = sorted(p for p in BOOK.glob("[0-9][0-9]-*.md"))
+
+
+def test_the_book_has_its_table_of_contents():
+    toc = (BOOK / "_toc.yml").read_text()
+    for chapter in CHAPTERS:
+        assert f"file: {chapter.stem}" in toc, f"{chapter.name} is not in book/_toc.yml"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_chapter_defines_no_technique_code(chapter):
+    """Chapters import from the package; a plotting helper is fine, a technique's math is not."""
+    jupytext = pytest.importorskip("jupytext")
+    nb = jupytext.read(chapter)
+    allowed = {"plot_attention"}
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        tree = ast.parse("\n".join(l for l in cell.source.splitlines() if not l.startswith(("%", "!"))))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                assert node.name in allowed or node.name.startswith(("plot_", "show_")), (
+                    f"{chapter.name} defines {node.name}; technique code belongs in mllm_ref"
+                )
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_chapter_executes(chapter, tmp_path, monkeypatch):
+    jupytext = pytest.importorskip("jupytext")
+    nbclient = pytest.importorskip("nbclient")
+    nb = jupytext.read(chapter)
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel must use the inline backend to show figures
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert out.get("output_type") != "error", f"{chapter.name}: {out.get('ename')}: {out.get('evalue')}"
+    images = sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
+    assert images >= 1, f"{chapter.name} produced no figure"

@@ -1,0 +1,82 @@
+"""The tour and the eval command on the bundled model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mllm_ref.cli import main
+from mllm_ref.oracle import registry
+from mllm_ref.tinyvlm.model import load
+from mllm_ref.tinyvlm.plugs import Plugs, TokenPolicy
+from mllm_ref.tinyvlm.tour import format_table, run_tour
+
+TOUR_KEYS = {
+    "id", "setting", "accuracy", "accuracy_delta", "prefill_flops_ratio", "kv_bytes_ratio",
+    "decode_tps_ratio", "wall_ratio", "layers_ratio", "identical_output",
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load()
+
+
+class _KeepFirstHalf(TokenPolicy):
+    """A deliberately crude token policy for testing the tour: keep the first half of the visual tokens."""
+
+    name = "first-half"
+
+    def after_connector(self, visual, patch_index, grid, prompt_ids):
+        n = visual.shape[0] // 2
+        return visual[:n], patch_index[:n]
+
+
+def test_tour_rows_measure_a_technique_against_the_baseline(model, monkeypatch):
+    tech = registry.Technique(
+        id="tokens.first_half_for_test",
+        reference=lambda x: x,
+        make_case=lambda size, rng: {"x": rng.standard_normal(3)},
+        paper="none (a test fixture)",
+        model_level=True,
+        extra={"plugs": lambda m: Plugs(token_policy=_KeepFirstHalf()), "setting": "keep 72 of 144"},
+    )
+    monkeypatch.setitem(registry._REGISTRY, tech.id, tech)
+    rows = run_tour(model, only="tokens", n_per_type=4, n_captions=2)
+    assert [r["id"] for r in rows] == ["baseline", tech.id]
+    base, half = rows
+    for row in rows:
+        assert TOUR_KEYS <= set(row)
+    assert base["accuracy_delta"] == 0 and base["identical_output"] is True
+    assert base["prefill_flops_ratio"] == base["kv_bytes_ratio"] == base["layers_ratio"] == 1.0
+    # half the visual tokens: the KV cache holds about half as many tokens, prefill FLOPs drop by a good part
+    assert 0.45 < half["kv_bytes_ratio"] < 0.6
+    assert 0.3 < half["prefill_flops_ratio"] < 0.9
+    assert half["layers_ratio"] == 1.0
+    assert half["accuracy_delta"] == pytest.approx(half["accuracy"] - base["accuracy"])
+    table = format_table(rows)
+    assert "baseline" in table and tech.id in table
+
+
+def test_eval_json(capsys):
+    assert main(["eval", "--json", "--n", "5", "--captions", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "by_type", "caption_exact_match", "n"} <= set(out)
+    assert out["n"] == 30 and len(out["by_type"]) == 6
+    assert 0.0 <= out["accuracy"] <= 1.0
+
+
+def test_tour_command_writes_json_and_plot(tmp_path, capsys):
+    assert main(["tour", "--n", "2", "--captions", "1", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline" in printed
+    rows = json.loads((tmp_path / "tour.json").read_text())
+    assert rows[0]["id"] == "baseline" and TOUR_KEYS <= set(rows[0])
+    assert (tmp_path / "tour.png").stat().st_size > 1000
+
+
+def test_tour_rejects_an_unknown_family(capsys):
+    assert main(["tour", "--only", "nonsense"]) == 2
+    assert "unknown family" in capsys.readouterr().err
