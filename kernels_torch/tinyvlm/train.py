@@ -317,14 +317,14 @@ def train(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=3600)
     ap.add_argument("--batch", type=int, default=16, help="images per step")
     ap.add_argument("--questions", type=int, default=12, help="question segments per image (plus the caption)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--eval-every", type=int, default=400)
+    ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--out", type=Path, default=Path("mllm_ref/tinyvlm/weights"))
     args = ap.parse_args(argv)
     model, info = train(
