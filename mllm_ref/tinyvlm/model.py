@@ -292,8 +292,11 @@ def decode_step(
     positions = np.array([state.next_position])
     caches = list(state.caches)
     exited_at = None
+    context = 0
     for i in range(cfg.layers):
         k_past, v_past = plugs.kv_policy.read(i, caches[i])
+        if i == 0:
+            context = int(k_past.shape[1])
         if exited_at is None:
             want = plugs.kv_policy.needs_attention(i)
             x, k, v, weights = _decoder_layer(
@@ -312,7 +315,7 @@ def decode_step(
     logits = logits_from_hidden(model, x[0], plugs)
     new_state = replace(state, caches=tuple(caches), next_position=state.next_position + 1)
     if trace is not None:
-        trace.decode_context.append(int(plugs.kv_policy.read(0, state.caches[0])[0].shape[1]))
+        trace.decode_context.append(context)
         trace.decode_layers.append(cfg.layers if exited_at is None else exited_at + 1)
         trace.kv_bytes = sum(plugs.kv_policy.nbytes(c) for c in caches)
         trace.decode_seconds += time.perf_counter() - t0
