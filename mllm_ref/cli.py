@@ -65,7 +65,7 @@ def coverage() -> list[dict]:
         row = {"id": t.id, "family": t.family, "paper": t.paper, "reference": t.reference_path}
         for backend in registry.BACKENDS:
             row[backend] = t.fast_path_path(backend) if t.fast_path(backend) is not None else None
-        row.update({"chapter": t.chapter, "exercise": t.exercise, "model_level": t.model_level})
+        row.update({"chapter": t.chapter, "exercise": t.exercise, "model_level": t.model_level, "notes": t.notes})
         rows.append(row)
     return rows
 
@@ -75,14 +75,17 @@ def _run_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    mark = lambda v: "yes" if v else "-"
+    def mark(path):
+        return "yes" if path else "-"
+
     print(
         _table(
             ["technique", "reference", "numba", "torch", "chapter", "exercise"],
             [[r["id"], r["reference"], mark(r["numba"]), mark(r["torch"]), r["chapter"] or "-", r["exercise"] or "-"] for r in rows],
         )
     )
-    print(f"\n{len(rows)} techniques")
+    fast = sum(1 for r in rows if r["numba"] or r["torch"])
+    print(f"\n{len(rows)} techniques, {fast} with a fast path")
     return 0
 
 
@@ -92,7 +95,7 @@ def _run_list(args: argparse.Namespace) -> int:
 def _add_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("id", help="technique id, e.g. nn.attention")
     p.add_argument("--impl", required=True, help="numba, torch, module:function or path/file.py:function")
-    p.add_argument("--seed", type=int, default=0, help="seed of the cases")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cases (default 0)")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
 
 
@@ -115,15 +118,15 @@ def _run_check(args: argparse.Namespace) -> int:
 def _add_vectors(p: argparse.ArgumentParser) -> None:
     p.add_argument("id", help="technique id")
     p.add_argument("--out", required=True, help="folder to write the vectors into")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the cases (default 0)")
 
 
 def _run_vectors(args: argparse.Namespace) -> int:
     from mllm_ref.oracle.vectors import write_vectors
 
     path = write_vectors(args.id, args.out, seed=args.seed)
-    files = json.loads(path.read_text())["cases"]
-    print(f"wrote {len(files)} cases and {path}")
+    cases = json.loads(path.read_text())["cases"]
+    print(f"wrote {len(cases)} cases ({', '.join(c['file'] for c in cases)}) and {path}")
     return 0
 
 
@@ -137,15 +140,25 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from mllm_ref.oracle.bench import bench, format_rows, machine_limits
+    from mllm_ref.oracle import registry
+    from mllm_ref.oracle.bench import bench, format_rows
+    from mllm_ref.oracle.machine import machine_limits, threads
 
+    if args.id is not None:
+        registry.get(args.id)  # an unknown id fails before the machine is measured
+
+    def say(message: str) -> None:
+        sys.stderr.write(f"\r{message[:70]:70s}")
+        sys.stderr.flush()
+
+    say("measuring this machine's memory bandwidth and matmul speed")
     limits = machine_limits(args.quick)
-    say = None if args.json else (lambda m: sys.stderr.write(f"\rtiming {m:60s}") or sys.stderr.flush())
-    rows = bench(args.id, quick=args.quick, limits=limits, progress=say)
+    rows = bench(args.id, quick=args.quick, limits=limits, progress=lambda m: say(f"timing {m}"))
+    say("")  # clear the progress line
+    sys.stderr.write("\r")
     if args.json:
-        print(json.dumps({"limits": limits, "rows": rows}, indent=2))
+        print(json.dumps({"limits": limits, "threads": threads(), "rows": rows}, indent=2))
     else:
-        sys.stderr.write("\n")
         print(format_rows(rows, limits))
     return 0
 
@@ -241,10 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except KeyError as exc:  # an unknown technique id: the registry's message lists the known ones
-        print(f"error: {exc.args[0]}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:
+        # What the user asked for is wrong: an unknown technique id (the message lists the known ones), an
+        # implementation that cannot be found, weights that do not match their manifest. No traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -56,6 +56,19 @@ FAMILIES: tuple[str, ...] = (
 #: Backends a fast path may live in, with the package that mirrors :mod:`mllm_ref`.
 BACKENDS: Mapping[str, str] = {"numba": "kernels_numba", "torch": "kernels_torch"}
 
+
+class OracleError(ValueError):
+    """A mistake in what the oracle was asked to do (an unknown id, an implementation that cannot be found, a
+    technique with nothing to write); the command line prints its message without a traceback."""
+
+
+class UnknownTechniqueError(OracleError, KeyError):
+    """No technique is registered under the id; the message lists the known ids."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 #: How outputs are compared. "tolerance": continuous outputs under the tolerance policy
 #: (:mod:`mllm_ref.oracle.tolerance`); "exact": bit-exact (discrete outputs: indices, codes, routes).
 COMPARE_MODES = ("tolerance", "exact")
@@ -73,11 +86,11 @@ class Technique:
         paper: citation, "Authors, Title, Venue Year (arXiv id)".
         test_sizes: names of small cases used by tests, ``check`` and golden vectors.
         bench_sizes: names of realistic cases used by ``bench``.
-        compare: ``"tolerance"``, ``"exact"``, or a callable ``compare(gold, got, inputs) -> (passed, message)``
-            for outputs judged by invariants.
-        float_args: names of keyword arguments that are float arrays and follow the precision under test
-            (cast to float64 for the gold, to the fast path's precision for the baseline). ``None``: every float
-            ndarray argument.
+        compare: ``"tolerance"``, ``"exact"``, or a callable ``compare(reference_out, got, inputs) -> (passed,
+            message)`` for outputs judged by invariants (``reference_out``: the reference on ``inputs`` as given).
+        float_args: names of keyword arguments that are float arrays and follow the precision under test (cast
+            to float64 for the gold and moved by one ulp for the perturbed run of the tolerance policy; the naive
+            baseline takes them as given). ``None``: every float ndarray argument.
         strategy: zero-argument callable returning a Hypothesis strategy of keyword-argument dicts (imported
             lazily, so the registry itself needs NumPy only). ``None``: the generic test draws seeds and sizes.
         cost: ``cost(kwargs) -> {"flops": float, "bytes": float}`` for one call, used by ``bench`` to report
@@ -85,9 +98,9 @@ class Technique:
         chapter: path of the book chapter that teaches it (relative to the repository root), or ``None``.
         exercise: path of the exercise folder, or ``None``.
         model_level: ``True`` when the technique plugs into the tiny VLM and appears in ``mllm-ref tour``.
-        fast_paths: backends whose fast path exists; filled by :func:`register` from the mirrored modules
-            unless given.
-        notes: one line shown by ``list`` (e.g. a deviation from the paper).
+        notes: one line shown by ``list --json`` (e.g. a deviation from the paper).
+        extra: per-technique settings read by the generic tests, e.g. ``{"allow_nonfinite": ("mask",)}`` for a
+            float argument that legitimately holds -inf (see ``tests/test_bad_input.py``).
     """
 
     id: str
@@ -119,13 +132,14 @@ class Technique:
         """``module:function`` of the reference."""
         return f"{self.reference.__module__}:{self.reference.__name__}"
 
-    def fast_path_path(self, backend: str) -> str:
-        """``module:function`` where the ``backend`` fast path must live (it may not exist)."""
+    def fast_path_path(self, backend: str) -> str | None:
+        """``module:function`` where the ``backend`` fast path must live (it may not exist); ``None`` when the
+        reference itself lives outside :mod:`mllm_ref` (a technique registered by a test), which has no mirror."""
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+            raise OracleError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
         module = self.reference.__module__
         if not module.startswith("mllm_ref."):
-            raise ValueError(f"reference of {self.id} is not in mllm_ref: {module}")
+            return None
         return f"{BACKENDS[backend]}.{module[len('mllm_ref.'):]}:{self.reference.__name__}"
 
     def fast_path(self, backend: str) -> Callable[..., Any] | None:
@@ -134,7 +148,10 @@ class Technique:
         A fast-path module that exists but fails to import for another reason than a missing backend package
         raises, so a broken kernel is never mistaken for a missing one.
         """
-        module_name, func_name = self.fast_path_path(backend).split(":")
+        path = self.fast_path_path(backend)
+        if path is None:
+            return None
+        module_name, func_name = path.split(":")
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -147,7 +164,7 @@ class Technique:
     def cases(self, kind: str = "test", seed: int = 0) -> list[tuple[str, dict]]:
         """Seeded cases: a list of ``(size, kwargs)``; ``kind`` is ``"test"`` or ``"bench"``."""
         if kind not in ("test", "bench"):
-            raise ValueError(f"kind must be 'test' or 'bench', got {kind!r}")
+            raise OracleError(f"kind must be 'test' or 'bench', got {kind!r}")
         sizes = self.test_sizes if kind == "test" else self.bench_sizes
         out = []
         for i, size in enumerate(sizes):
@@ -202,13 +219,14 @@ def load_all() -> None:
 
 
 def get(technique_id: str) -> Technique:
-    """The technique registered as ``technique_id``; a ``KeyError`` lists the known ids."""
+    """The technique registered as ``technique_id``; an :class:`UnknownTechniqueError` (a ``KeyError``) lists the
+    known ids."""
     load_all()
     try:
         return _REGISTRY[technique_id]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"no technique {technique_id!r}; known: {known}") from None
+        raise UnknownTechniqueError(f"no technique {technique_id!r}; known: {known}") from None
 
 
 def all_techniques(family: str | None = None) -> list[Technique]:
