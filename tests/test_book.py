@@ -4,6 +4,7 @@ technique code."""
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,35 @@ def test_the_book_has_its_table_of_contents():
     toc = (BOOK / "_toc.yml").read_text()
     for chapter in CHAPTERS:
         assert f"file: {chapter.stem}" in toc, f"{chapter.name} is not in book/_toc.yml"
+    assert "file: teachers" in toc, "the teacher's guide is not in book/_toc.yml"
+
+
+def test_front_page_coverage_table_is_the_registry(capsys):
+    """The coverage table on the book's front page and `mllm-ref list --json` come from one function.
+
+    Runs only the front page's table cell (no kernel, no book build): it must call `mllm_ref.cli.coverage`,
+    its rows must equal what the command line prints, and its HTML must name every technique and reference.
+    """
+    jupytext = pytest.importorskip("jupytext")
+    pytest.importorskip("IPython")
+    from mllm_ref import cli
+
+    nb = jupytext.read(BOOK / "intro.md")
+    cells = [c.source for c in nb.cells if c.cell_type == "code" and "coverage()" in c.source]
+    assert len(cells) == 1, "book/intro.md must have exactly one code cell that calls coverage()"
+    source = cells[0]
+    assert "from mllm_ref.cli import coverage" in source, "the front page must take its table from mllm_ref.cli"
+    namespace: dict = {}
+    exec(compile(source, str(BOOK / "intro.md"), "exec"), namespace)
+    assert namespace["coverage"] is cli.coverage
+
+    assert cli.main(["list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert namespace["rows"] == listed
+    html = namespace["table_html"]
+    for row in listed:
+        assert f"<code>{row['id']}</code>" in html, f"{row['id']} is missing from the front page's table"
+        assert row["reference"] in html
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
