@@ -6,6 +6,8 @@
     mllm-ref check ID --impl numba|torch|module:function [--json]
     mllm-ref vectors ID --out DIR                golden test vectors
     mllm-ref bench [ID] [--json] [--quick]       reference vs fast paths, against this machine's limits
+    mllm-ref grade EXERCISE SUBMISSION [--json] [--timeout S] [--csv scores.csv]
+    mllm-ref exercise EXERCISE --out DIR [--blank]
 
 Each command is one ``_add_*`` function (its arguments) and one ``_run_*`` function, listed in :data:`COMMANDS`.
 """
@@ -236,6 +238,55 @@ def _run_tour(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- grade
+
+
+def _add_grade(p: argparse.ArgumentParser) -> None:
+    p.add_argument("exercise", help="exercise folder name under exercises/ (or its number, or a path)")
+    p.add_argument("submission", help="a .py or .ipynb submission, or with --csv a folder of them")
+    p.add_argument("--json", action="store_true", help="print {exercise, score, max_score, tasks} as JSON")
+    p.add_argument("--timeout", type=float, default=60.0, help="wall-clock limit per submission, seconds (default 60)")
+    p.add_argument("--memory-mb", type=int, default=2048, help="address-space limit of the grader process (default 2048)")
+    p.add_argument("--csv", default=None, help="grade every .py/.ipynb of the SUBMISSION folder into this CSV")
+
+
+def _run_grade(args: argparse.Namespace) -> int:
+    from mllm_ref.oracle.grade import format_result, grade, grade_folder
+
+    if args.csv is not None:
+        results = grade_folder(args.exercise, args.submission, csv_path=args.csv, timeout=args.timeout, memory_mb=args.memory_mb)
+        if args.json:
+            print(json.dumps([{k: r[k] for k in ("submission", "score", "max_score")} for r in results], indent=2))
+        else:
+            print(_table(["submission", "score"], [[Path(r["submission"]).name, f"{r['score']}/{r['max_score']}"] for r in results]))
+            print(f"\nwrote {args.csv} ({len(results)} submissions)")
+        return 0
+    result = grade(args.exercise, args.submission, timeout=args.timeout, memory_mb=args.memory_mb)
+    if args.json:
+        tasks = [{"name": t["name"], "passed": t["passed"], "points": t["points"], "max_points": t["max_points"], "message": t["message"]} for t in result["tasks"]]
+        print(json.dumps({"exercise": result["exercise"], "score": result["score"], "max_score": result["max_score"], "tasks": tasks}, indent=2))
+    else:
+        print(format_result(result))
+    return 0 if result["score"] == result["max_score"] else 1
+
+
+# ---------------------------------------------------------------- exercise
+
+
+def _add_exercise(p: argparse.ArgumentParser) -> None:
+    p.add_argument("exercise", help="exercise folder name under exercises/ (or its number, or a path)")
+    p.add_argument("--out", required=True, help="folder to write the handout into")
+    p.add_argument("--blank", action="store_true", help="write only the blank submission (student.py as is)")
+
+
+def _run_exercise(args: argparse.Namespace) -> int:
+    from mllm_ref.oracle.grade import write_handout
+
+    written = write_handout(args.exercise, args.out, blank=args.blank)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 COMMANDS = {
     "tour": (_add_tour, _run_tour, "run every model-level technique on the bundled tiny VLM"),
     "eval": (_add_eval, _run_eval, "held-out accuracy of the bundled tiny VLM"),
@@ -243,6 +294,8 @@ COMMANDS = {
     "check": (_add_check, _run_check, "judge an implementation against the reference"),
     "vectors": (_add_vectors, _run_vectors, "write golden test vectors"),
     "bench": (_add_bench, _run_bench, "time the reference and the fast paths"),
+    "grade": (_add_grade, _run_grade, "grade a student's submission to an exercise (sandboxed)"),
+    "exercise": (_add_exercise, _run_exercise, "write an exercise's handout (statement.md, student.py)"),
 }
 
 

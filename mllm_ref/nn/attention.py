@@ -271,6 +271,7 @@ register(
         strategy=_strategy,
         cost=_cost,
         chapter="book/01-tiny-vlm.md",
+        exercise="exercises/01-softmax-attention",
         notes="GQA, causal aligned to the end of the keys, padding mask; all-masked rows give zeros",
     )
 )

@@ -123,6 +123,7 @@ register(
         strategy=_strategy,
         cost=_cost,
         chapter=None,
+        exercise="exercises/01-softmax-attention",
         notes="stable (max-subtracted); log_softmax is provided alongside",
     )
 )
