@@ -157,10 +157,9 @@ def _lin(plugs: Plugs, model: TinyVLM, x: np.ndarray, name: str) -> np.ndarray:
 
 
 def _as_image(image) -> np.ndarray:
-    cfg_channels = 3
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a NumPy array, got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[2] != cfg_channels:
+    if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must have shape [H, W, 3], got {image.shape}")
     if image.dtype == np.uint8:
         return image.astype(np.float32) / np.float32(255.0)

@@ -145,18 +145,5 @@ class Plugs:
     attention: Callable[..., Any] | None = None
     decoding: Callable[[np.ndarray, np.random.Generator | None], int] = greedy
 
-    def describe(self) -> str:
-        parts = [
-            f"{k}={getattr(self, k).name}"
-            for k in ("token_policy", "kv_policy", "exit_policy")
-            if getattr(self, k).name != "none"
-        ]
-        for k in ("linear", "attention"):
-            if getattr(self, k) is not None:
-                parts.append(f"{k}={getattr(getattr(self, k), '__name__', 'custom')}")
-        if self.decoding is not greedy:
-            parts.append(f"decoding={getattr(self.decoding, '__name__', 'custom')}")
-        return ", ".join(parts) or "none"
-
 
 NONE = Plugs()
