@@ -234,6 +234,11 @@ def _run_tour(args: argparse.Namespace) -> int:
         print(format_table(rows))
         if len(rows) == 1:
             print("\n(only the baseline: no model-level technique is registered yet)")
+        others = [t for t in registry.all_techniques(args.only) if not t.model_level]
+        if others and args.only is not None and len(rows) > 1:
+            print("\nnot run on the tiny VLM (references with tests; see their notes):")
+            for t in others:
+                print(f"  {t.id:24s} {t.notes}")
         print(note)
     return 0
 

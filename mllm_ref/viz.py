@@ -72,3 +72,72 @@ def tour_plot(rows: list[dict], path: str | Path | None = None):
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def token_map(image: np.ndarray, source: np.ndarray, grid: tuple[int, int], ax=None, title: str | None = None):
+    """Draw which patches reach the decoder, and which were merged together.
+
+    Args:
+        image: ``uint8[H, W, 3]``.
+        source: ``int[rows * cols]``: for each patch the token carrying it, ``-1`` if dropped
+            (:attr:`mllm_ref.tinyvlm.plugs.VisualTokens.source`, or ``Trace.source`` after a prefill).
+        grid: ``(rows, cols)`` of the patch grid.
+
+    Dropped patches are greyed out; a patch kept alone is left as it is; patches merged into one token share an
+    outline colour, and the outline is drawn along the border between different tokens.
+    """
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    rows, cols = grid
+    src = np.asarray(source).reshape(rows, cols)
+    h, w = image.shape[:2]
+    ph, pw = h / rows, w / cols
+    shown = image.astype(np.float32) / 255.0
+    dropped = np.kron(src < 0, np.ones((int(ph), int(pw)), dtype=bool))
+    shown[dropped] = 0.25 * shown[dropped] + 0.75 * 0.12
+    ax.imshow(shown, interpolation="nearest")
+    counts = np.bincount(src[src >= 0].ravel(), minlength=int(src.max()) + 1 if src.max() >= 0 else 1)
+    palette = plt.get_cmap("tab20")
+    for r in range(rows):
+        for c in range(cols):
+            t = src[r, c]
+            if t < 0 or counts[t] < 2:
+                continue
+            color = palette(int(t) % 20)
+            y0, x0 = r * ph - 0.5, c * pw - 0.5
+            for dr, dc, seg in ((-1, 0, ((x0, x0 + pw), (y0, y0))), (1, 0, ((x0, x0 + pw), (y0 + ph, y0 + ph))),
+                                (0, -1, ((x0, x0), (y0, y0 + ph))), (0, 1, ((x0 + pw, x0 + pw), (y0, y0 + ph)))):
+                rr, cc = r + dr, c + dc
+                if not (0 <= rr < rows and 0 <= cc < cols) or src[rr, cc] != t:
+                    ax.plot(*seg, color=color, lw=1.2)
+            ax.add_patch(plt.Rectangle((x0, y0), pw, ph, color=color, alpha=0.25, lw=0))
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+    return ax
+
+
+def sweep_plot(rows: list[dict], ax=None, key: str = "accuracy", title: str | None = None):
+    """Accuracy (or ``key``) against the kept-token fraction, one line per method (rows of
+    :func:`mllm_ref.tinyvlm.tour.sweep`)."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.8))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "baseline"))
+    for m in methods:
+        pts = sorted((r["kept_fraction"], r[key]) for r in rows if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=m)
+    base = [r[key] for r in rows if r["method"] == "baseline"]
+    if base:
+        ax.axhline(base[0], color="black", ls="--", lw=0.8, label="all 144 tokens")
+    ax.set_xlabel("visual tokens reaching the decoder's last layer (fraction of 144)")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax

@@ -14,7 +14,7 @@ from mllm_ref.tinyvlm.plugs import Plugs, TokenPolicy
 from mllm_ref.tinyvlm.tour import format_table, run_tour
 
 TOUR_KEYS = {
-    "id", "setting", "accuracy", "accuracy_delta", "prefill_flops_ratio", "kv_bytes_ratio",
+    "id", "setting", "accuracy", "accuracy_delta", "prefill_flops_ratio", "llm_prefill_flops_ratio", "kv_bytes_ratio",
     "decode_tps_ratio", "wall_ratio", "layers_ratio", "identical_output",
 }
 
@@ -29,9 +29,8 @@ class _KeepFirstHalf(TokenPolicy):
 
     name = "first-half"
 
-    def after_connector(self, visual, patch_index, grid, prompt_ids):
-        n = visual.shape[0] // 2
-        return visual[:n], patch_index[:n]
+    def after_connector(self, tokens, prompt_ids, encoder):
+        return tokens.take(np.arange(tokens.n // 2))
 
 
 def test_tour_rows_measure_a_technique_against_the_baseline(model, monkeypatch):
@@ -43,7 +42,8 @@ def test_tour_rows_measure_a_technique_against_the_baseline(model, monkeypatch):
         model_level=True,
         extra={"plugs": lambda m: Plugs(token_policy=_KeepFirstHalf()), "setting": "keep 72 of 144"},
     )
-    monkeypatch.setitem(registry._REGISTRY, tech.id, tech)
+    registry.load_all()
+    monkeypatch.setattr(registry, "_REGISTRY", {tech.id: tech})  # the fixture alone, not the real tokens rows
     rows = run_tour(model, only="tokens", n_per_type=4, n_captions=2)
     assert [r["id"] for r in rows] == ["baseline", tech.id]
     base, half = rows
@@ -54,6 +54,8 @@ def test_tour_rows_measure_a_technique_against_the_baseline(model, monkeypatch):
     # half the visual tokens: the KV cache holds about half as many tokens, prefill FLOPs drop by a good part
     assert 0.45 < half["kv_bytes_ratio"] < 0.6
     assert 0.3 < half["prefill_flops_ratio"] < 0.9
+    # the decoder's share shrinks more than the whole prefill (the encoder still sees every patch)
+    assert half["llm_prefill_flops_ratio"] < half["prefill_flops_ratio"]
     assert half["layers_ratio"] == 1.0
     assert half["accuracy_delta"] == pytest.approx(half["accuracy"] - base["accuracy"])
     table = format_table(rows)

@@ -4,7 +4,8 @@ A task of ``exercises/<NN>-<name>/exercise.json`` names a ``technique_id``. A re
 (``"nn.softmax"``) is graded on its own seeded test cases and tolerance, exactly like ``mllm-ref check``. An id
 under ``grading.`` names a task-only technique defined here, built from the references (no second copy of a
 solution): ``grading.kv_decode_step`` and ``grading.kv_decode`` check step-by-step cached decoding against full
-causal attention (:mod:`mllm_ref.nn.attention`, :mod:`mllm_ref.nn.kvcache`).
+causal attention (:mod:`mllm_ref.nn.attention`, :mod:`mllm_ref.nn.kvcache`); ``grading.fastv_scores`` checks
+FastV's scoring step alone (:mod:`mllm_ref.tokens.fastv`).
 
 :func:`grade_callable` is used both by the sandboxed worker (:mod:`mllm_ref.oracle.grade_worker`, on a student's
 submission) and by the self-check of the test suite (on the references themselves).
@@ -87,6 +88,22 @@ def _decode_case(size: str, rng: np.random.Generator) -> dict:
     }
 
 
+# ---------------------------------------------------------------- FastV's scores
+
+
+def fastv_scores_reference(attn, visual_start, n_visual, scoring="last"):
+    """FastV's image-token scores (:func:`mllm_ref.tokens.fastv.fastv_scores`), graded on the cases of
+    ``tokens.fastv`` without the hidden states and the ratio."""
+    from mllm_ref.tokens.fastv import fastv_scores
+
+    return fastv_scores(attn, visual_start, n_visual, scoring)
+
+
+def _fastv_scores_case(size: str, rng: np.random.Generator) -> dict:
+    kw = registry.get("tokens.fastv").make_case(size, rng)
+    return {k: kw[k] for k in ("attn", "visual_start", "n_visual", "scoring")}
+
+
 _KV_PAPER = "Ashish Vaswani et al., Attention Is All You Need, NeurIPS 2017 (arXiv:1706.03762)"
 
 #: Task-only techniques (not in the registry: they are exercises, not techniques of the library).
@@ -105,6 +122,14 @@ GRADING_TECHNIQUES: dict[str, registry.Technique] = {
         make_case=_decode_case,
         paper=_KV_PAPER,
         test_sizes=tuple(_DECODE_SIZES),
+        compare="tolerance",
+    ),
+    "grading.fastv_scores": registry.Technique(
+        id="grading.fastv_scores",
+        reference=fastv_scores_reference,
+        make_case=_fastv_scores_case,
+        paper="L. Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv 2403.06764)",
+        test_sizes=("tiny", "small", "small-mean", "tinyvlm"),
         compare="tolerance",
     ),
 }

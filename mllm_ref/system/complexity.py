@@ -239,10 +239,21 @@ def _bytes_per(x, name: str) -> float:
 
 
 def encoder_cost(
-    spec: ModelSpec, n_images: int = 1, *, bytes_per_param: float = 2.0, bytes_per_activation: float = 2.0
+    spec: ModelSpec,
+    n_images: int = 1,
+    *,
+    bytes_per_param: float = 2.0,
+    bytes_per_activation: float = 2.0,
+    layer_tokens=None,
+    mlp_tokens=None,
 ) -> Cost:
     """The vision encoder (patch embedding and ``layers`` bidirectional blocks over ``n_tokens``) on ``n_images``
-    images. Weights are read once for all the images; zero images cost nothing."""
+    images. Weights are read once for all the images; zero images cost nothing.
+
+    ``layer_tokens``: ``layers`` ints, the tokens each block takes in (default: ``n_tokens`` everywhere), for
+    token merging inside the encoder; ``mlp_tokens``: the tokens each block's MLP processes (default: the block's
+    ``layer_tokens``; ToMe merges between a block's attention and its MLP).
+    """
     spec = _spec(spec)
     n_images = _checks.integer(n_images, "n_images", low=0)
     bpp = _bytes_per(bytes_per_param, "bytes_per_param")
@@ -251,12 +262,28 @@ def encoder_cost(
         return Cost()
     v = spec.vision
     n = v.n_tokens
-    block = _parts(n, n, v.dim, v.heads, v.heads, v.head_dim, v.mlp_dim, v.gated_mlp, False)["total"]
+    if layer_tokens is None:
+        tokens = np.full(v.layers, n, dtype=np.int64)
+    else:
+        tokens = _checks.int_array(layer_tokens, "layer_tokens", ndim=1, low=1, high=n)
+        if tokens.size != v.layers:
+            raise ValueError(f"layer_tokens must have one entry per encoder layer ({v.layers}), got {tokens.size}")
+    if mlp_tokens is None:
+        mlp = tokens
+    else:
+        mlp = _checks.int_array(mlp_tokens, "mlp_tokens", ndim=1, low=1, high=n)
+        if mlp.shape != tokens.shape or np.any(mlp > tokens):
+            raise ValueError("mlp_tokens must have one entry per encoder layer, each at most that layer's tokens")
+    block = acts = 0
+    for t, m in zip(tokens.tolist(), mlp.tolist()):
+        parts = _parts(t, t, v.dim, v.heads, v.heads, v.head_dim, v.mlp_dim, v.gated_mlp, False)
+        block += parts["projections"] + parts["attention"]
+        block += _parts(m, m, v.dim, v.heads, v.heads, v.head_dim, v.mlp_dim, v.gated_mlp, False)["ffn"]
+        acts += _act_elements(t, t, v.dim, v.heads, v.heads, v.head_dim, v.mlp_dim, v.gated_mlp)
     patch = 2 * v.n_patches * v.patch_in * v.dim
-    acts = v.layers * _act_elements(n, n, v.dim, v.heads, v.heads, v.head_dim, v.mlp_dim, v.gated_mlp)
     acts += v.n_patches * (v.patch_in + v.dim)
     return Cost(
-        flops=float(n_images * (v.layers * block + patch)),
+        flops=float(n_images * (block + patch)),
         bytes_weights=float(_vision_params(v) * bpp),
         bytes_activations=float(n_images * acts * ab),
     )
@@ -282,9 +309,18 @@ def _ldp_blocks(tokens_in: int, c: int) -> tuple[int, int]:
 
 
 def connector_cost(
-    spec: ModelSpec, n_images: int = 1, *, bytes_per_param: float = 2.0, bytes_per_activation: float = 2.0
+    spec: ModelSpec,
+    n_images: int = 1,
+    *,
+    bytes_per_param: float = 2.0,
+    bytes_per_activation: float = 2.0,
+    tokens: int | None = None,
 ) -> Cost:
-    """The connector on ``n_images`` images' encoder outputs (``tokens_in`` each; class tokens dropped)."""
+    """The connector on ``n_images`` images' encoder outputs (``tokens_in`` each; class tokens dropped).
+
+    ``tokens``: for an MLP connector, the rows it runs on when a token policy merged tokens in the encoder
+    (default: the spec's ``mlp_rows``).
+    """
     spec = _spec(spec)
     n_images = _checks.integer(n_images, "n_images", low=0)
     bpp = _bytes_per(bytes_per_param, "bytes_per_param")
@@ -292,7 +328,12 @@ def connector_cost(
     if n_images == 0:
         return Cost()
     c = spec.connector
-    flops, acts = _mlp(c.mlp_rows, c.mlp_dims)
+    rows = c.mlp_rows
+    if tokens is not None:
+        if c.kind != "mlp":
+            raise ValueError(f"tokens applies to an MLP connector only, this one is {c.kind!r}")
+        rows = _checks.integer(tokens, "tokens", low=1, high=c.mlp_rows)
+    flops, acts = _mlp(rows, c.mlp_dims)
     if c.kind == "ldp":
         f2, a2 = _ldp_blocks(c.tokens_in, c.out_dim)
         flops, acts = flops + f2, acts + a2

@@ -44,9 +44,19 @@ from mllm_ref.nn.linear import linear as nn_linear
 from mllm_ref.nn.patch_embed import patchify
 from mllm_ref.nn.rmsnorm import rmsnorm
 from mllm_ref.nn.rope import rope
+from mllm_ref.nn.softmax import softmax
 from mllm_ref.tinyvlm import tokenizer
 from mllm_ref.tinyvlm.config import TinyVLMConfig
-from mllm_ref.tinyvlm.plugs import NONE, Plugs, PromptInfo
+from mllm_ref.tinyvlm.plugs import (
+    NONE,
+    DecoderUpdate,
+    EncoderView,
+    LayerView,
+    Plugs,
+    PromptInfo,
+    VisualTokens,
+    remap_source,
+)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -102,6 +112,21 @@ def _check_params(model: TinyVLM) -> None:
             raise ValueError(f"parameter {name} has shape {model.params[name].shape}, expected {shape}")
 
 
+def _apply_update(update, x, n_visual, cfg):
+    if not isinstance(update, DecoderUpdate):
+        raise TypeError(f"TokenPolicy.in_decoder must return indices, a DecoderUpdate or None, got {type(update).__name__}")
+    n_text = x.shape[0] - n_visual
+    h = np.asarray(update.hidden)
+    nv = int(update.n_visual)
+    if h.ndim != 2 or h.shape[1] != x.shape[1] or h.shape[0] != nv + n_text or update.positions.shape != (h.shape[0],):
+        raise ValueError(f"DecoderUpdate must hold {nv} visual tokens then the {n_text} text tokens of width {x.shape[1]}")
+    if not np.array_equal(h[nv:], x[n_visual:]):
+        raise ValueError("DecoderUpdate must not alter the text tokens")
+    if update.source.shape != (cfg.n_patches,) or update.source.max() >= nv or update.source.min() < -1:
+        raise ValueError(f"DecoderUpdate.source must map the {cfg.n_patches} patches to its {nv} visual tokens or -1")
+    return h.astype(np.float32), np.asarray(update.positions, dtype=np.int64), nv, update.source
+
+
 @dataclass
 class Trace:
     """What one request did, for cost accounting (filled in by :func:`prefill` and :func:`decode_step`).
@@ -110,7 +135,11 @@ class Trace:
         n_patches: visual tokens out of the encoder.
         n_visual: visual tokens entering the decoder (after the connector's token policy).
         n_prompt: text tokens of the prompt.
+        encoder_tokens: tokens each encoder block took in (a token policy may merge inside the encoder).
+        encoder_mlp_tokens: tokens each encoder block's MLP processed (after a merge inside the block).
+        connector_tokens: tokens the connector processed.
         layer_tokens: tokens each decoder layer processed in the prefill.
+        source: ``int[G]`` after the prefill, for each patch the visual token carrying it (``-1``: dropped).
         decode_context: for each decode step, the cached tokens attended over (layer 0).
         decode_layers: for each decode step, the decoder layers run.
         kv_bytes: bytes held by all caches after the last step.
@@ -120,7 +149,11 @@ class Trace:
     n_patches: int = 0
     n_visual: int = 0
     n_prompt: int = 0
+    encoder_tokens: list[int] = field(default_factory=list)
+    encoder_mlp_tokens: list[int] = field(default_factory=list)
+    connector_tokens: int = 0
     layer_tokens: list[int] = field(default_factory=list)
+    source: np.ndarray | None = None
     decode_context: list[int] = field(default_factory=list)
     decode_layers: list[int] = field(default_factory=list)
     kv_bytes: int = 0
@@ -170,23 +203,96 @@ def _as_image(image) -> np.ndarray:
 
 
 def encode_image(model: TinyVLM, image: np.ndarray, plugs: Plugs = NONE) -> np.ndarray:
-    """Vision encoder and connector: ``image`` ``uint8[H, W, 3]`` -> visual tokens ``float32[N, D]``."""
+    """Vision encoder and connector: ``image`` ``uint8[H, W, 3]`` -> visual tokens ``float32[N, D]``.
+
+    The token policy's encoder hook runs (so ``N`` may be below the patch count); use :func:`encode_tokens` for
+    the sizes and patch map as well.
+    """
+    return encode_tokens(model, image, plugs)[0].x
+
+
+def _proportional_attention(q, k, v, size):
+    """Bidirectional attention with ToMe's proportional attention: ``softmax(q k^T / sqrt(d) + log size) v``.
+
+    ``q, k, v``: ``[H, N, d]``; ``size``: ``[N]`` patches per token. A token that stands for ``s`` patches gets
+    the weight ``s`` identical keys would get (Bolya et al. 2023, section 3). With all sizes 1 this is plain
+    attention, and the plain kernel is used.
+    """
+    if np.all(size == 1):
+        return nn_attention(q[None], k[None], v[None])[0], None
+    scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
+    scores = (q @ k.transpose(0, 2, 1)) * scale + np.log(size.astype(np.float32))[None, None, :]
+    w = softmax(scores, axis=-1)
+    return (w @ v).astype(np.float32), w
+
+
+def encode_tokens(
+    model: TinyVLM, image: np.ndarray, plugs: Plugs = NONE, prompt_ids=None, *, want_attention: bool = False
+) -> tuple[VisualTokens, EncoderView, list[int]]:
+    """Encoder and connector with the token policy's encoder hook.
+
+    Returns:
+        ``(tokens, view, encoder_tokens)``: the connector's outputs (``x`` is ``float32[N, D]``) with sizes and
+        patch map; the last encoder block's keys (and attention weights with ``want_attention``) and the encoder
+        features; for each encoder block, the tokens its attention and its MLP processed.
+    """
     cfg = model.config
     img = _as_image(image)
     if img.shape[:2] != (cfg.image_size, cfg.image_size):
         raise ValueError(f"image must be {cfg.image_size}x{cfg.image_size}, got {img.shape[:2]}")
+    ids = np.zeros(0, dtype=np.int64) if prompt_ids is None else np.asarray(prompt_ids)
     x = _lin(plugs, model, patchify(img - np.float32(0.5), cfg.patch_size), "patch") + model["pos"]
+    tokens = VisualTokens.from_patches(x, (cfg.grid, cfg.grid))
     hd = cfg.vis_head_dim
+    policy = plugs.token_policy
+    counts = []
+    k = weights = None
     for i in range(cfg.vis_layers):
         p = f"vis.{i}."
+        x = tokens.x
         h = layernorm(x, model[p + "ln1.weight"], model[p + "ln1.bias"], eps=cfg.ln_eps)
         q, k, v = (_lin(plugs, model, h, p + n).reshape(-1, cfg.vis_heads, hd).transpose(1, 0, 2) for n in "qkv")
-        a = nn_attention(q[None], k[None], v[None])[0]
+        last = i == cfg.vis_layers - 1
+        if last and want_attention and np.all(tokens.size == 1):
+            a, weights = nn_attention(q[None], k[None], v[None], return_weights=True)
+            a, weights = a[0], weights[0]
+        else:
+            a, weights = _proportional_attention(q, k, v, tokens.size)
         x = x + _lin(plugs, model, a.transpose(1, 0, 2).reshape(-1, cfg.vis_dim), p + "o")
+        tokens = policy.in_encoder(i, replace(tokens, x=x), k, ids)
+        _check_tokens(tokens, "in_encoder", (cfg.grid, cfg.grid))
+        counts.append((x.shape[0], tokens.n))
+        if tokens.n != x.shape[0] and last and want_attention:
+            raise ValueError("a token policy cannot both merge in the last encoder block and ask for its attention")
+        if tokens.n != x.shape[0]:
+            k = None
+        x = tokens.x
         h = layernorm(x, model[p + "ln2.weight"], model[p + "ln2.bias"], eps=cfg.ln_eps)
         x = x + _lin(plugs, model, gelu(_lin(plugs, model, h, p + "fc1")), p + "fc2")
-    x = layernorm(x, model["vis_norm.weight"], model["vis_norm.bias"], eps=cfg.ln_eps)
-    return _lin(plugs, model, gelu(_lin(plugs, model, x, "proj1")), "proj2")
+        tokens = replace(tokens, x=x)
+    feats = layernorm(tokens.x, model["vis_norm.weight"], model["vis_norm.bias"], eps=cfg.ln_eps)
+    view = EncoderView(keys=k, attn=weights, features=feats)
+    tokens = policy.after_encoder(replace(tokens, x=feats), ids, view)
+    _check_tokens(tokens, "after_encoder", (cfg.grid, cfg.grid))
+    if tokens.x.shape[1] != cfg.vis_dim:
+        raise ValueError(f"TokenPolicy.after_encoder must return {cfg.vis_dim}-wide features, got {tokens.x.shape}")
+    out = _lin(plugs, model, gelu(_lin(plugs, model, tokens.x, "proj1")), "proj2")
+    return replace(tokens, x=out), view, counts
+
+
+def _check_tokens(tokens, hook: str, grid) -> None:
+    if not isinstance(tokens, VisualTokens):
+        raise TypeError(f"TokenPolicy.{hook} must return VisualTokens, got {type(tokens).__name__}")
+    n = tokens.x.shape[0]
+    if n == 0:
+        raise ValueError(f"TokenPolicy.{hook} must keep at least one visual token")
+    if tokens.size.shape != (n,) or tokens.source.shape != (grid[0] * grid[1],):
+        raise ValueError(f"TokenPolicy.{hook} returned sizes {tokens.size.shape} / source {tokens.source.shape} "
+                         f"for {n} tokens on a {grid} grid")  # fmt: skip
+    if tokens.source.size and (tokens.source.min() < -1 or tokens.source.max() >= n):
+        raise ValueError(f"TokenPolicy.{hook} returned a patch map pointing outside its {n} tokens")
+    if tokens.protected is not None and (tokens.protected.dtype != np.bool_ or tokens.protected.shape != (n,)):
+        raise ValueError(f"TokenPolicy.{hook} returned protected flags that are not bool[{n}]")
 
 
 def _attend(plugs: Plugs, q, k, v, *, causal: bool, want_weights: bool):
@@ -245,31 +351,56 @@ def prefill(
     t0 = time.perf_counter()
     cfg = model.config
     ids = _prompt_array(prompt_ids)
-    visual = encode_image(model, image, plugs)
-    patch_index = np.arange(visual.shape[0])
-    visual, patch_index = plugs.token_policy.after_connector(visual, patch_index, (cfg.grid, cfg.grid), ids)
-    n_vis = visual.shape[0]
-    info = PromptInfo(n_vis, (cfg.grid, cfg.grid), np.asarray(patch_index), ids)
-    x = np.concatenate([visual.astype(np.float32), model["embed.weight"][ids]], axis=0)
+    policy = plugs.token_policy
+    tokens, view, enc_counts = encode_tokens(model, image, plugs, ids, want_attention=policy.needs_encoder_attention())
+    connector_rows = tokens.n
+    tokens = policy.after_connector(tokens, ids, view)
+    _check_tokens(tokens, "after_connector", (cfg.grid, cfg.grid))
+    n_vis = tokens.n
+    x = np.concatenate([tokens.x.astype(np.float32), model["embed.weight"][ids]], axis=0)
+    info = PromptInfo(n_vis, (cfg.grid, cfg.grid), tokens.first_patch(), ids, x)
     positions = positions_for(n_vis, ids.size)
+    source = tokens.source
+    protected = tokens.protected
+    cur_vis = n_vis
     caches = []
     layer_tokens = []
     for i in range(cfg.layers):
-        want = plugs.token_policy.needs_attention(i) or plugs.kv_policy.needs_attention(i)
+        want = policy.needs_attention(i) or plugs.kv_policy.needs_attention(i)
         layer_tokens.append(x.shape[0])
         x, k, v, weights = _decoder_layer(model, plugs, i, x, positions, None, causal=True, want_weights=want)
         caches.append(plugs.kv_policy.store(i, k, v, weights, info))
-        keep = plugs.token_policy.in_decoder(i, x, weights, info, positions)
-        if keep is not None:
-            keep = _checks.int_array(keep, "kept indices", ndim=1, low=0, high=x.shape[0] - 1)
-            if keep.size == 0 or np.any(np.diff(keep) <= 0) or keep[-1] != x.shape[0] - 1:
-                raise ValueError("a token policy must keep sorted unique indices including the last token")
-            x, positions = x[keep], positions[keep]
+        if i == cfg.layers - 1:
+            break  # nothing runs after the last layer but the LM head on the last token
+        out = policy.in_decoder(i, LayerView(x, weights, k, positions, cur_vis, source, info, protected))
+        if out is None:
+            continue
+        if isinstance(out, DecoderUpdate):
+            x, positions, cur_vis, source = _apply_update(out, x, cur_vis, cfg)
+            protected = out.protected
+            continue
+        if not isinstance(out, (np.ndarray, list, tuple)):
+            raise TypeError(f"TokenPolicy.in_decoder must return None, kept indices or a DecoderUpdate, "
+                            f"got {type(out).__name__}")  # fmt: skip
+        keep = _checks.int_array(out, "kept indices", ndim=1, low=0, high=x.shape[0] - 1)
+        if np.any(np.diff(keep) <= 0) or not np.array_equal(keep[keep >= cur_vis], np.arange(cur_vis, x.shape[0])):
+            raise ValueError("a token policy must keep sorted unique indices including every text token")
+        vis_keep = keep[keep < cur_vis]
+        if protected is not None:
+            if np.count_nonzero(protected[vis_keep]) != np.count_nonzero(protected):
+                raise ValueError("a token policy dropped a visual token that an earlier hook protected")
+            protected = protected[vis_keep]
+        source = remap_source(source, vis_keep, cur_vis)
+        x, positions, cur_vis = x[keep], positions[keep], int(vis_keep.size)
     logits = logits_from_hidden(model, x[-1], plugs)
     state = State(tuple(caches), int(ids.size + 1), info)
     if trace is not None:
         trace.n_patches, trace.n_visual, trace.n_prompt = cfg.n_patches, n_vis, int(ids.size)
         trace.layer_tokens = layer_tokens
+        trace.encoder_tokens = [a for a, _ in enc_counts]
+        trace.encoder_mlp_tokens = [b for _, b in enc_counts]
+        trace.connector_tokens = connector_rows
+        trace.source = source
         trace.kv_bytes = sum(plugs.kv_policy.nbytes(c) for c in caches)
         trace.prefill_seconds += time.perf_counter() - t0
     return logits, state

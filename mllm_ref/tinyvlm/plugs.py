@@ -44,48 +44,192 @@ class PromptInfo:
         visual_index: ``int[n_visual]``, for each visual token the patch it came from (row-major index), or the
             first patch of a merged group.
         prompt_ids: ``int[P]``, the text prompt.
+        inputs: ``float32[n_visual + P, D]``, the decoder's input sequence (the visual tokens, then the prompt's
+            word embeddings), for methods that score tokens on it (SparseVLM's raters).
     """
 
     n_visual: int
     grid: tuple[int, int]
     visual_index: np.ndarray
     prompt_ids: np.ndarray
+    inputs: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class VisualTokens:
+    """Visual tokens in flight through a token policy, with the bookkeeping merging and dropping need.
+
+    Attributes:
+        x: ``float32[N, C]`` the tokens (encoder width inside the encoder, decoder width after the connector).
+        size: ``float32[N]`` how many patches each token stands for (1 for an untouched patch; ToMe's ``s``).
+        source: ``int[G]`` for each patch of the ``rows x cols`` grid (row-major, ``G = rows * cols``), the index
+            of the token that now carries it, or ``-1`` if it was dropped. Merging maps several patches to one
+            token; the book draws kept and merged patches from it.
+        grid: ``(rows, cols)`` of the patch grid.
+        protected: ``bool[N]`` or ``None``: tokens a policy marked as not to be dropped by a later hook of the
+            same request (MustDrop's key set); the model refuses a later step that drops one.
+    """
+
+    x: np.ndarray
+    size: np.ndarray
+    source: np.ndarray
+    grid: tuple[int, int]
+    protected: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    @staticmethod
+    def from_patches(x: np.ndarray, grid: tuple[int, int]) -> "VisualTokens":
+        """Untouched patch tokens: token ``i`` is patch ``i``."""
+        n = x.shape[0]
+        return VisualTokens(x, np.ones(n, dtype=np.float32), np.arange(n, dtype=np.int64), grid)
+
+    def take(self, keep: np.ndarray) -> "VisualTokens":
+        """Keep the tokens ``keep`` (sorted indices); patches of the others become dropped (``-1``)."""
+        protected = None if self.protected is None else self.protected[keep]
+        return VisualTokens(self.x[keep], self.size[keep], remap_source(self.source, keep, self.n), self.grid, protected)
+
+    def first_patch(self) -> np.ndarray:
+        """``int[N]``: for each token the lowest-numbered patch it carries (``-1`` for a token carrying none)."""
+        out = np.full(self.n, -1, dtype=np.int64)
+        patches = np.arange(self.source.size)
+        live = self.source >= 0
+        # visit patches from the last to the first so the first one wins
+        out[self.source[live][::-1]] = patches[live][::-1]
+        return out
+
+
+def remap_source(source: np.ndarray, keep: np.ndarray, n_before: int) -> np.ndarray:
+    """The patch-to-token map after keeping tokens ``keep`` (sorted indices into ``n_before`` tokens)."""
+    new_index = np.full(n_before, -1, dtype=np.int64)
+    new_index[keep] = np.arange(len(keep))
+    out = np.full(source.shape, -1, dtype=np.int64)
+    live = source >= 0
+    out[live] = new_index[source[live]]
+    return out
+
+
+@dataclass(frozen=True)
+class EncoderView:
+    """What the encoder's last block shows a token policy (for methods that score patches there).
+
+    Attributes:
+        keys: ``float32[Hv, N, dv]`` the last block's keys.
+        attn: ``float32[Hv, N, N]`` the last block's attention weights when
+            :meth:`TokenPolicy.needs_encoder_attention` is true, else ``None``.
+        features: ``float32[N, Cv]`` the encoder output (after its final norm), before the connector.
+    """
+
+    keys: np.ndarray
+    attn: np.ndarray | None
+    features: np.ndarray
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """What a prefill decoder layer shows a token policy.
+
+    Attributes:
+        hidden: ``float32[T, D]`` the layer's output.
+        attn: ``float32[H, T, T]`` the layer's attention weights when :meth:`TokenPolicy.needs_attention` said so.
+        keys: ``float32[Hkv, T, d]`` the layer's keys (rotated).
+        positions: ``int[T]`` position ids of the current tokens.
+        n_visual: visual tokens at the front of the current sequence (the text follows them).
+        source: ``int[G]`` patch-to-token map of the current visual tokens (see :class:`VisualTokens`).
+        info: the request.
+        protected: ``bool[n_visual]`` or ``None``, the visual tokens an earlier hook protected from dropping.
+    """
+
+    hidden: np.ndarray
+    attn: np.ndarray | None
+    keys: np.ndarray
+    positions: np.ndarray
+    n_visual: int
+    source: np.ndarray
+    info: PromptInfo
+    protected: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class DecoderUpdate:
+    """A token policy's new sequence after a prefill layer, for methods that create tokens (e.g. SparseVLM's
+    recycled tokens) rather than only keep some.
+
+    Attributes:
+        hidden: ``float32[T', D]``: the new visual tokens first (``n_visual`` of them), then the text tokens,
+            which must be exactly the text rows of the layer's output.
+        positions: ``int[T']`` their position ids (the text's unchanged).
+        n_visual: visual tokens at the front.
+        source: ``int[G]`` the new patch-to-token map.
+        protected: ``bool[n_visual]`` or ``None``: which of the new visual tokens stay protected.
+    """
+
+    hidden: np.ndarray
+    positions: np.ndarray
+    n_visual: int
+    source: np.ndarray
+    protected: np.ndarray | None = None
 
 
 class TokenPolicy:
-    """Chooses the visual tokens the decoder sees. The base class keeps every token."""
+    """Chooses the visual tokens the decoder sees. The base class keeps every token.
+
+    Three hooks, in the order a request meets them:
+
+    1. :meth:`in_encoder` inside each encoder block, after its attention and before its MLP (ToMe's place);
+       merged tokens carry a ``size`` > 1 and the encoder's later blocks use proportional attention (the log of
+       the size added to the scores), as ToMe does.
+    2. :meth:`after_encoder` on the encoder's output features, before the connector (PruMerge's place: LLaVA's
+       projector then maps the merged features).
+    3. :meth:`after_connector` on the connector's outputs (pooling, ...).
+    4. :meth:`in_decoder` after each decoder layer of the prefill (FastV-style dropping at layer K).
+    """
 
     name = "none"
 
-    def after_connector(self, visual: np.ndarray, patch_index: np.ndarray, grid: tuple[int, int], prompt_ids: np.ndarray):
+    def in_encoder(self, layer: int, tokens: VisualTokens, keys: np.ndarray, prompt_ids: np.ndarray) -> VisualTokens:
+        """Inside encoder block ``layer``, after the attention residual: return the (possibly merged) tokens.
+
+        Args:
+            tokens: the block's hidden state ``x[N, Cv]`` with sizes and the patch map.
+            keys: ``float32[Hv, N, dv]`` the block's keys (ToMe's similarity metric).
+            prompt_ids: ``int[P]`` the text prompt.
+        """
+        return tokens
+
+    def needs_encoder_attention(self) -> bool:
+        """Whether :meth:`after_encoder` / :meth:`after_connector` need the encoder's last attention weights."""
+        return False
+
+    def after_encoder(self, tokens: VisualTokens, prompt_ids: np.ndarray, encoder: EncoderView) -> VisualTokens:
+        """Reduce the encoder's output before the connector.
+
+        Args:
+            tokens: ``x`` is ``float32[N, Cv]``, the encoder's features (after its final norm).
+            prompt_ids: ``int[P]`` the text prompt.
+            encoder: the encoder's last block (keys, attention on request, the same features).
+        """
+        return tokens
+
+    def after_connector(self, tokens: VisualTokens, prompt_ids: np.ndarray, encoder: EncoderView) -> VisualTokens:
         """Reduce the visual tokens before the decoder.
 
         Args:
-            visual: ``float32[N, D]`` connector outputs.
-            patch_index: ``int[N]`` patch each token came from.
-            grid: (rows, columns) of the patch grid.
+            tokens: ``x`` is ``float32[N, D]``, the connector's outputs.
             prompt_ids: ``int[P]`` the text prompt (for text-guided methods).
-
-        Returns:
-            ``(visual[N', D], patch_index[N'])``.
+            encoder: the encoder's last block (keys, attention on request, features).
         """
-        return visual, patch_index
+        return tokens
 
     def needs_attention(self, layer: int) -> bool:
         """Whether :meth:`in_decoder` needs the attention weights of prefill layer ``layer``."""
         return False
 
-    def in_decoder(self, layer: int, hidden: np.ndarray, attn: np.ndarray | None, info: PromptInfo, positions: np.ndarray):
-        """After prefill layer ``layer``: indices (sorted, into the current sequence) of the tokens to keep.
-
-        Args:
-            hidden: ``float32[T, D]`` the layer's output.
-            attn: ``float32[H, T, T]`` the layer's attention weights if :meth:`needs_attention` said so.
-            positions: ``int[T]`` position ids of the current tokens (visual tokens first, at 0..n_visual-1).
-
-        Returns:
-            ``int[T']`` indices to keep, or ``None`` to keep all.
-        """
+    def in_decoder(self, layer: int, view: LayerView) -> np.ndarray | DecoderUpdate | None:
+        """After prefill layer ``layer``: ``None`` to keep all tokens, the sorted indices (into the current
+        sequence) of the tokens to keep, which must include every text token, or a :class:`DecoderUpdate`."""
         return None
 
 

@@ -7,6 +7,7 @@ accuracy and cost, each cost also as a ratio to the baseline row (id ``"baseline
 
 - ``prefill_flops``: FLOPs of the encoder, the connector and the decoder prefill, from the tokens each layer
   actually processed (:mod:`mllm_ref.system.complexity`), averaged over the held-out questions;
+- ``llm_prefill_flops``: the decoder's share of it (what FastV and most token-dropping papers count);
 - ``kv_bytes``: bytes held by the KV caches at the end of each request (mean);
 - ``decode_tps``: decode tokens per second of wall time (captions give most of the decode steps);
 - ``wall``: total wall time of the evaluation;
@@ -28,7 +29,7 @@ from mllm_ref.tinyvlm.evaluate import EvalResult, evaluate
 from mllm_ref.tinyvlm.model import TinyVLM
 from mllm_ref.tinyvlm.plugs import NONE, Plugs
 
-RATIO_KEYS = ("prefill_flops", "kv_bytes", "decode_tps", "wall", "layers")
+RATIO_KEYS = ("prefill_flops", "llm_prefill_flops", "kv_bytes", "decode_tps", "wall", "layers")
 
 
 def model_level_techniques(only: str | None = None) -> list[registry.Technique]:
@@ -36,13 +37,17 @@ def model_level_techniques(only: str | None = None) -> list[registry.Technique]:
     return [t for t in registry.all_techniques(only) if t.model_level]
 
 
-def _figures(model: TinyVLM, result: EvalResult, wall: float) -> dict:
+def figures(model: TinyVLM, result: EvalResult, wall: float) -> dict:
+    """Accuracy and cost figures of one evaluation (the keys of a tour row before the ratios); ``wall``: its
+    wall time in seconds."""
     spec = spec_from_tinyvlm(model.config)
-    fixed = encoder_cost(spec).flops + connector_cost(spec).flops
-    prefill = [
-        fixed + prefill_cost(spec, tr.n_visual, tr.n_prompt, layer_tokens=tr.layer_tokens).flops
-        for tr in result.traces
-    ]
+    llm, prefill = [], []
+    for tr in result.traces:
+        enc = encoder_cost(spec, layer_tokens=tr.encoder_tokens, mlp_tokens=tr.encoder_mlp_tokens).flops
+        conn = connector_cost(spec, tokens=tr.connector_tokens).flops
+        dec = prefill_cost(spec, tr.n_visual, tr.n_prompt, layer_tokens=tr.layer_tokens).flops
+        llm.append(dec)
+        prefill.append(enc + conn + dec)
     steps = sum(len(tr.decode_layers) for tr in result.traces)
     decode_seconds = sum(tr.decode_seconds for tr in result.traces)
     layers = [n for tr in result.traces for n in tr.decode_layers]
@@ -51,6 +56,7 @@ def _figures(model: TinyVLM, result: EvalResult, wall: float) -> dict:
         "by_type": result.by_type,
         "caption_exact_match": result.caption_exact_match,
         "prefill_flops": float(np.mean(prefill)),
+        "llm_prefill_flops": float(np.mean(llm)),
         "kv_bytes": float(np.mean([tr.kv_bytes for tr in result.traces])),
         "decode_tps": steps / decode_seconds if decode_seconds > 0 else None,
         "wall": wall,
@@ -75,7 +81,7 @@ def run_tour(
         cb = (lambda done, total, _id=tid: progress(_id, done, total)) if progress else None
         t0 = time.perf_counter()
         result = evaluate(model, n_per_type, n_captions=n_captions, plugs=plugs, progress=cb)
-        fig = _figures(model, result, time.perf_counter() - t0)
+        fig = figures(model, result, time.perf_counter() - t0)
         preds = result.predictions
         if base is None:
             base, base_preds = fig, preds
@@ -92,7 +98,7 @@ def run_tour(
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of the tour rows."""
-    head = ["technique", "setting", "accuracy", "Δacc", "prefill GFLOP", "×", "KV KiB", "×", "decode tok/s", "×", "wall s", "×", "layers", "same"]
+    head = ["technique", "setting", "accuracy", "Δacc", "prefill GFLOP", "×", "LLM ×", "KV KiB", "×", "decode tok/s", "×", "wall s", "×", "layers", "same"]
     lines = [head]
     for r in rows:
         def ratio(k):
@@ -100,7 +106,7 @@ def format_table(rows: list[dict]) -> str:
             return "-" if v is None else f"{v:.2f}"
         lines.append([
             r["id"], r["setting"], f"{r['accuracy']:.3f}", f"{r['accuracy_delta']:+.3f}",
-            f"{r['prefill_flops'] / 1e9:.3f}", ratio("prefill_flops"),
+            f"{r['prefill_flops'] / 1e9:.3f}", ratio("prefill_flops"), ratio("llm_prefill_flops"),
             f"{r['kv_bytes'] / 1024:.1f}", ratio("kv_bytes"),
             "-" if r["decode_tps"] is None else f"{r['decode_tps']:.0f}", ratio("decode_tps"),
             f"{r['wall']:.1f}", ratio("wall"),
@@ -109,3 +115,64 @@ def format_table(rows: list[dict]) -> str:
         ])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines)
+
+
+def ratio_policies(family: str = "tokens") -> dict[str, Callable[[float], Plugs]]:
+    """For each model-level technique of ``family`` whose module defines ``make_policy(keep_ratio)``, a function
+    giving its plugs at a kept-token fraction (for sliders and :func:`sweep`)."""
+    import importlib
+
+    out = {}
+    for tech in model_level_techniques(family):
+        module = importlib.import_module(tech.reference.__module__)
+        make = getattr(module, "make_policy", None)
+        if make is not None:
+            out[tech.id] = (lambda keep, _make=make: _as_plugs(_make(keep)))
+    return out
+
+
+def _as_plugs(policy) -> Plugs:
+    from mllm_ref.tinyvlm.plugs import TokenPolicy
+
+    if isinstance(policy, Plugs):
+        return policy
+    if isinstance(policy, TokenPolicy):
+        return Plugs(token_policy=policy)
+    raise TypeError(f"make_policy must return a TokenPolicy or Plugs, got {type(policy).__name__}")
+
+
+def sweep(
+    model: TinyVLM,
+    policies: dict[str, Callable[[float], Plugs]],
+    keep_ratios,
+    *,
+    n_per_type: int = 10,
+    progress: Callable[[str, float], None] | None = None,
+) -> list[dict]:
+    """Accuracy against the kept-token fraction: every method at every ratio, plus the baseline.
+
+    Each row: ``method``, ``keep_ratio`` (asked), ``kept_fraction`` (measured: visual tokens in the decoder's last
+    prefill layer over the patch count, averaged over the questions), ``accuracy``, ``by_type``,
+    ``llm_prefill_flops_ratio`` and ``prefill_flops_ratio`` (to the baseline). No captions are generated.
+    """
+    def run(plugs):
+        result = evaluate(model, n_per_type, n_captions=0, plugs=plugs)
+        fig = figures(model, result, 0.0)
+        last = [tr.layer_tokens[-1] - tr.n_prompt for tr in result.traces]
+        return fig, float(np.mean(last)) / model.config.n_patches
+
+    base, frac = run(NONE)
+    rows = [{"method": "baseline", "keep_ratio": 1.0, "kept_fraction": frac, "accuracy": base["accuracy"],
+             "by_type": base["by_type"], "llm_prefill_flops_ratio": 1.0, "prefill_flops_ratio": 1.0}]  # fmt: skip
+    for name, make in policies.items():
+        for keep in keep_ratios:
+            if progress:
+                progress(name, keep)
+            fig, frac = run(make(keep))
+            rows.append({
+                "method": name, "keep_ratio": float(keep), "kept_fraction": frac, "accuracy": fig["accuracy"],
+                "by_type": fig["by_type"],
+                "llm_prefill_flops_ratio": fig["llm_prefill_flops"] / base["llm_prefill_flops"],
+                "prefill_flops_ratio": fig["prefill_flops"] / base["prefill_flops"],
+            })  # fmt: skip
+    return rows
