@@ -171,6 +171,49 @@ def test_numpy_forward_matches_the_torch_twin(model):
         assert np.array_equal(got[-1].argmax(), ref[-1].argmax())
 
 
+@pytest.mark.parametrize("drop_after", [0, 2])
+def test_torch_token_dropping_for_training_equals_a_numpy_token_policy(model, drop_after):
+    """The torch twin's ``visual_keep`` masking (the training augmentation) gives the last prompt token the same
+    logits as the NumPy forward with a token policy that drops those tokens after layer ``drop_after``."""
+    torch = pytest.importorskip("torch")
+    from kernels_torch.tinyvlm.model import TinyVLM as TorchVLM
+    from mllm_ref.tinyvlm.plugs import Plugs, TokenPolicy
+
+    twin = TorchVLM(model.config)
+    twin.load_state_dict({k: torch.from_numpy(v) for k, v in model.params.items()})
+    twin.eval()
+    keep = np.random.default_rng(drop_after).random(model.config.n_patches) < 0.4
+
+    class DropAfter(TokenPolicy):
+        def in_decoder(self, layer, view):
+            if layer != drop_after:
+                return None
+            return np.concatenate([np.flatnonzero(keep), np.arange(view.n_visual, view.hidden.shape[0])])
+
+    image, scene = _example(4)
+    ids = tokenizer.prompt_ids(world.all_questions(scene)[0].question)
+    ref, _ = prefill(model, image, ids, Plugs(token_policy=DropAfter()))
+    with torch.no_grad():
+        got = twin(torch.from_numpy(image.astype(np.float32) / 255.0)[None], torch.tensor([ids]),
+                   visual_keep=torch.from_numpy(keep)[None], drop_after=drop_after)[0, -1].numpy()  # fmt: skip
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_visual_dropout_mask_is_seeded_and_off_by_default():
+    pytest.importorskip("torch")
+    from kernels_torch.tinyvlm.train import visual_dropout_mask
+    from mllm_ref.tinyvlm.config import TinyVLMConfig
+
+    cfg = TinyVLMConfig()
+    assert visual_dropout_mask(np.random.default_rng(0), 4, cfg, 0.0) == (None, 0)
+    a, la = visual_dropout_mask(np.random.default_rng(1), 64, cfg, 0.5)
+    b, lb = visual_dropout_mask(np.random.default_rng(1), 64, cfg, 0.5)
+    assert la == lb and np.array_equal(a.numpy(), b.numpy())
+    dropped = (~a.numpy()).sum(axis=1)
+    assert (dropped == 0).sum() > 10 and (dropped > 0).sum() > 10  # about half the images lose tokens
+    assert dropped.max() <= 0.9 * 144 and dropped[dropped > 0].min() >= int(0.25 * 144)
+
+
 def test_cached_decode_equals_full_reforward(model):
     image, _ = _example(5)
     prompt = tokenizer.prompt_ids(tokenizer.CAPTION_PROMPT)

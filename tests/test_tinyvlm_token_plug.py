@@ -84,6 +84,7 @@ class _Bad(TokenPolicy):
         (lambda v: np.arange(v.hidden.shape[0])[::-1], "sorted"),
         (lambda v: DecoderUpdate(v.hidden * 2, v.positions, v.n_visual, v.source), "text tokens"),
         (lambda v: DecoderUpdate(v.hidden, v.positions, v.n_visual + 1, v.source), "visual tokens then"),
+        (lambda v: DecoderUpdate(v.hidden, v.positions + 1, v.n_visual, v.source), "positions"),
         (lambda v: "all", "DecoderUpdate"),
     ],
 )
@@ -120,3 +121,42 @@ def test_after_encoder_reduces_what_the_connector_sees(model, example):
     assert trace.connector_tokens == 72 and trace.n_visual == 72
     assert trace.encoder_tokens == [144] * 3
     assert np.array_equal(np.flatnonzero(trace.source >= 0), np.arange(72))
+
+
+def test_dropping_keeps_every_position_id(model, example):
+    """After FastV drops half the visual tokens at layer 0, the next layer sees the kept visual tokens at position
+    0 and the text at 1..P, exactly the ids those tokens had before."""
+    from mllm_ref.tokens.fastv import FastVPolicy
+
+    seen = {}
+
+    class Recorder(FastVPolicy):
+        def in_decoder(self, layer, view):
+            seen[layer] = (view.positions.copy(), view.n_visual)
+            return super().in_decoder(layer, view)
+
+    ids = tokenizer.prompt_ids(example.qa.question)
+    prefill(model, example.image, ids, Plugs(token_policy=Recorder(1, 0.5)))
+    pos0, n0 = seen[0]
+    pos1, n1 = seen[1]
+    assert n0 == 144 and n1 == 72
+    assert pos0.tolist() == [0] * 144 + list(range(1, len(ids) + 1))
+    assert pos1.tolist() == [0] * 72 + list(range(1, len(ids) + 1))
+
+
+class _DropProtected(TokenPolicy):
+    """Protect visual token 0 after the connector, then try to replace every visual token: a test fixture."""
+
+    def after_connector(self, tokens, prompt_ids, encoder):
+        protected = np.zeros(tokens.n, dtype=bool)
+        protected[0] = True
+        return VisualTokens(tokens.x, tokens.size, tokens.source, tokens.grid, protected)
+
+    def in_decoder(self, layer, v):
+        x = np.concatenate([v.hidden[:1], v.hidden[v.n_visual :]])
+        return DecoderUpdate(x, np.concatenate([[0], v.positions[v.n_visual :]]), 1, np.where(v.source >= 0, 0, -1))
+
+
+def test_protected_tokens_must_be_carried_by_a_decoder_update(model, example):
+    with pytest.raises(ValueError, match="protected"):
+        prefill(model, example.image, tokenizer.prompt_ids(example.qa.question), Plugs(token_policy=_DropProtected()))

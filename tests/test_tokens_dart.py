@@ -109,8 +109,8 @@ def test_policy_keeps_the_budget_and_the_text(model, example):
 
 
 def test_policy_text_tokens_are_untouched(model, example):
-    """Dropping visual tokens only: the text rows of the last layer equal a re-run on the kept tokens, and the
-    policy's indices include every text token (the model checks it); at keep ratio 1 it is the plain model."""
+    """At keep ratio 1 the policy is the plain model, and on any layer view it keeps every text token, in
+    order, after the kept visual tokens."""
     image, ids = example
     base, _ = prefill(model, image, ids, Plugs())
     same, _ = prefill(model, image, ids, Plugs(token_policy=make_policy(1.0, model)))

@@ -12,6 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels_numba.nn._common import native
+from kernels_numba.tokens._common import value_flags
 from mllm_ref.tokens.fastv import _validate, n_kept, value_errors
 
 __all__ = ["fastv"]
@@ -52,19 +53,6 @@ def _scan(attn, s, n, last_only, chunks):
     return finite.all(), nonneg.all(), out
 
 
-@njit(cache=True, parallel=True)
-def _finite(x):
-    rows = x.shape[0]
-    zero = x.dtype.type(0.0)
-    ok = np.ones(rows, dtype=np.uint8)
-    for i in prange(rows):
-        good = np.uint8(1)
-        for j in range(x.shape[1]):
-            good &= np.uint8(x[i, j] * zero == zero)
-        ok[i] = good
-    return ok.all()
-
-
 @njit(cache=True)
 def _select(scores, k, s, n, t):
     order = np.argsort(-scores, kind="mergesort")[:k]  # stable: ties keep the lower index first
@@ -94,12 +82,11 @@ def fastv(hidden, attn, visual_start, n_visual, ratio=0.5, scoring="last"):
     hidden, attn = native(hidden), native(attn)
     if attn.dtype == np.float16:  # Numba has no float16 arithmetic; the widening is exact
         attn = attn.astype(np.float32)
-    hidden_wide = hidden.astype(np.float32) if hidden.dtype == np.float16 else hidden
     h, t, _ = attn.shape
     last_only = scoring == "last"
     chunks = max(1, min(16, (h * t * t) // (1 << 16)))
     attn_ok, nonneg, sums = _scan(attn, s, n, last_only, chunks)
-    value_errors(_finite(hidden_wide), attn_ok, nonneg)
+    value_errors(value_flags(hidden)[0], attn_ok, nonneg)
     scores = sums / (h * (1 if last_only else t))
     keep = _select(scores, n_kept(n, ratio), s, n, t)
     if hidden.dtype == np.float16:

@@ -13,7 +13,15 @@ import numpy as np
 from numba import njit
 
 from kernels_numba.nn._common import FASTMATH, native
-from mllm_ref.tokens.sparsevlm import TIE_MARGIN, _validate, n_deleted, numerical_rank, recycle_counts
+from kernels_numba.tokens._common import value_flags
+from mllm_ref.tokens.sparsevlm import (
+    TIE_MARGIN,
+    _validate,
+    n_deleted,
+    numerical_rank,
+    recycle_counts,
+    value_errors,
+)
 
 __all__ = ["sparsevlm"]
 
@@ -193,9 +201,12 @@ def _recycle(hidden, scores, keep, n, n_sel, c):
 def sparsevlm(attn, hidden, embeds, n_visual, scale=0.5, recycle_ratio=0.3, cluster_ratio=0.1):
     """One SparseVLM pruning step (see :func:`mllm_ref.tokens.sparsevlm.sparsevlm`)."""
     attn, hidden, embeds, n, scale, tau, cr = _validate(
-        attn, hidden, embeds, n_visual, scale, recycle_ratio, cluster_ratio
+        attn, hidden, embeds, n_visual, scale, recycle_ratio, cluster_ratio, check_values=False
     )
     attn, hidden, embeds = native(attn), native(hidden), native(embeds)
+    attn_finite, attn_nonneg = value_flags(attn, check_negative=True)
+    finite = {"attn": attn_finite, "hidden": value_flags(hidden)[0], "embeds": value_flags(embeds)[0]}
+    value_errors(finite, attn_nonneg)
     if attn.dtype == np.float16:  # Numba has no float16 arithmetic; the widening is exact
         attn, work, embeds = attn.astype(np.float32), hidden.astype(np.float32), embeds.astype(np.float32)
     else:

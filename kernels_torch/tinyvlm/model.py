@@ -147,6 +147,8 @@ class TinyVLM(nn.Module):
         text_positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         return_features: bool = False,
+        visual_keep: torch.Tensor | None = None,
+        drop_after: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits ``[B, N + T, vocab]`` for the sequence ``[visual tokens, text tokens]``.
 
@@ -154,7 +156,9 @@ class TinyVLM(nn.Module):
         0); ``mask``: bool ``[B, N+T, N+T]``, True where a query may attend a key (default causal). With
         ``return_features`` the encoder output ``[B, N, vis_dim]``, the visual tokens ``[B, N, dim]`` and the log
         attention weights of decoder layer 0, head 0 (``[B, N+T, N+T]``) are returned too (training supervises
-        them).
+        them). ``visual_keep``: bool ``[B, N]``; decoder layers after layer ``drop_after`` see only the kept
+        visual tokens as keys, which is what a token policy's dropping after prefill layer ``drop_after`` does for
+        every token that stays (training uses it to make the model robust to dropped tokens).
         """
         features = self.vision_features(images)
         vis = self.connector(features)
@@ -167,8 +171,15 @@ class TinyVLM(nn.Module):
         if mask is None:
             mask = torch.ones(n + t, n + t, dtype=torch.bool, device=x.device).tril().expand(b, -1, -1)
         log_attn0 = None
+        dropped = None
+        if visual_keep is not None:
+            keys = torch.cat([visual_keep, torch.ones(b, t, dtype=torch.bool, device=x.device)], dim=1)
+            # a dropped token still attends itself, so its (unused) row is never empty
+            dropped = (mask & keys[:, None, :]) | (torch.eye(n + t, dtype=torch.bool, device=x.device) & ~keys[:, :, None])
         for i, blk in enumerate(self.dec):
-            if return_features and i == 0:
+            if dropped is not None and i > drop_after:
+                x = blk(x, positions, dropped)
+            elif return_features and i == 0:
                 x, log_attn0 = blk(x, positions, mask, probe=True)
             else:
                 x = blk(x, positions, mask)

@@ -14,8 +14,11 @@ decoder layer 0 is taught to look objects up: a question word naming an object (
 attention on that object's patches; and the first two dimensions of an object's visual tokens carry the column
 and row of its centre. None of this changes the network; it only shapes what training finds. The
 dense signal teaches the encoder what is where long before the answers alone
-would. Everything is seeded: the scene stream comes from ``numpy.random.default_rng(seed)`` and the
-initialisation from ``torch.manual_seed(seed)``; with the same thread count the run is reproducible.
+would. Optionally (``--visual-dropout P``, off in the shipped model's run) each image, with probability ``P``,
+loses a random share of its visual tokens inside the decoder after a random layer, as token-dropping methods do
+at inference; ``--layers`` sets the decoder depth. Everything is seeded: the scene stream comes from
+``numpy.random.default_rng(seed)`` and the initialisation from ``torch.manual_seed(seed)``; with the same thread
+count the run is reproducible.
 """
 
 from __future__ import annotations
@@ -202,6 +205,24 @@ def word_alignment_loss(visual: torch.Tensor, embed: torch.Tensor, labels: torch
     return (per_patch * on).sum() / on.sum().clamp(min=1)
 
 
+def visual_dropout_mask(rng: np.random.Generator, batch: int, cfg: TinyVLMConfig, p: float):
+    """Token dropping as augmentation: each image, with probability ``p``, loses a random share (uniform in
+    [0.25, 0.9]) of its visual tokens for the decoder layers after one random layer (the same for the batch).
+
+    Returns ``(keep bool[B, N] or None, drop_after)``. A token policy drops tokens this way at inference; a model
+    trained only on whole images is brittler to it than large MLLMs are, which the augmentation corrects. With
+    ``p = 0`` nothing is drawn, so the default training run is unchanged.
+    """
+    if p <= 0:
+        return None, 0
+    keep = np.ones((batch, cfg.n_patches), dtype=bool)
+    for b in range(batch):
+        if rng.random() < p:
+            share = rng.uniform(0.25, 0.9)
+            keep[b, rng.permutation(cfg.n_patches)[: int(share * cfg.n_patches)]] = False
+    return torch.from_numpy(keep), int(rng.integers(0, cfg.layers - 1))
+
+
 @torch.no_grad()
 def quick_eval(model: TinyVLM, examples: list[world.Example]) -> dict[str, float]:
     """Accuracy per question type of the first answer word (all answers are one word) with the torch twin."""
@@ -252,10 +273,12 @@ def train(
     eval_every: int,
     aux_weight: float = 0.5,
     log=print,
+    layers: int = 4,
+    visual_dropout: float = 0.0,
 ) -> tuple[TinyVLM, dict]:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    cfg = TinyVLMConfig()
+    cfg = TinyVLMConfig(layers=layers)
     model = TinyVLM(cfg)
     aux = AuxHeads(cfg.vis_dim, cfg.grid)
     named = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux.named_parameters()]
@@ -275,7 +298,10 @@ def train(
     history = []
     for step in range(1, steps + 1):
         imgs, tokens, positions, mask, targets, labels, lookup = make_batch(rng, batch, n_questions, cfg.n_patches)
-        logits, features, visual, log_attn0 = model(imgs, tokens, positions, mask, return_features=True)
+        keep, drop_after = visual_dropout_mask(rng, batch, cfg, visual_dropout)
+        logits, features, visual, log_attn0 = model(
+            imgs, tokens, positions, mask, return_features=True, visual_keep=keep, drop_after=drop_after
+        )
         logits = logits[:, cfg.n_patches :]
         loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-100)
         loss = loss + aux_weight * (
@@ -306,6 +332,7 @@ def train(
         "questions_per_image": n_questions,
         "learning_rate": lr,
         "aux_weight": aux_weight,
+        "visual_dropout": visual_dropout,
         "threads": threads,
         "train_seconds": round(time.perf_counter() - start, 1),
         "torch_version": torch.__version__,
@@ -325,11 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=300)
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers")
+    ap.add_argument("--visual-dropout", type=float, default=0.0,
+                    help="probability that an image's visual tokens are partly dropped inside the decoder")
     ap.add_argument("--out", type=Path, default=Path("mllm_ref/tinyvlm/weights"))
     args = ap.parse_args(argv)
     model, info = train(
         args.steps, args.batch, args.questions, args.lr, args.seed, args.threads, args.eval_every, args.aux_weight,
-        log=lambda m: print(m, flush=True),
+        log=lambda m: print(m, flush=True), layers=args.layers, visual_dropout=args.visual_dropout,
     )
     info["command"] = "python -m kernels_torch.tinyvlm.train " + " ".join(sys.argv[1:] if argv is None else argv)
     path = save_weights(model, args.out, info)

@@ -8,20 +8,13 @@ stable descending ``torch.sort`` ranks them (ties keep the lower index first, as
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from kernels_torch.nn._convert import as_tensor
+from kernels_torch.tokens._common import finite_and_min
 from mllm_ref.tokens.fastv import _validate, n_kept, value_errors
 
 __all__ = ["fastv"]
-
-
-def _finite_and_min(x: torch.Tensor) -> tuple[bool, float]:
-    lo, hi = torch.aminmax(x if x.dtype != torch.float16 else x.float())
-    lo, hi = float(lo), float(hi)
-    return math.isfinite(lo) and math.isfinite(hi), lo
 
 
 def fastv(hidden, attn, visual_start, n_visual, ratio=0.5, scoring="last"):
@@ -29,8 +22,8 @@ def fastv(hidden, attn, visual_start, n_visual, ratio=0.5, scoring="last"):
     hidden, attn, s, n, ratio, scoring = _validate(hidden, attn, visual_start, n_visual, ratio, scoring,
                                                    check_values=False)  # fmt: skip
     a, x = as_tensor(attn), as_tensor(hidden)
-    attn_ok, lo = _finite_and_min(a)
-    value_errors(_finite_and_min(x)[0], attn_ok, not lo < 0)
+    attn_ok, lo = finite_and_min(a)
+    value_errors(finite_and_min(x)[0], attn_ok, not lo < 0)
     h, t, _ = a.shape
     if scoring == "last":
         scores = a[:, -1, s : s + n].sum(dim=0, dtype=torch.float64) / h

@@ -12,7 +12,15 @@ import numpy as np
 import torch
 
 from kernels_torch.nn._convert import as_tensor
-from mllm_ref.tokens.sparsevlm import TIE_MARGIN, _validate, n_deleted, numerical_rank, recycle_counts
+from kernels_torch.tokens._common import finite_and_min
+from mllm_ref.tokens.sparsevlm import (
+    TIE_MARGIN,
+    _validate,
+    n_deleted,
+    numerical_rank,
+    recycle_counts,
+    value_errors,
+)
 
 __all__ = ["sparsevlm"]
 
@@ -45,9 +53,11 @@ def _dpc_knn(x: torch.Tensor, c: int) -> torch.Tensor:
 def sparsevlm(attn, hidden, embeds, n_visual, scale=0.5, recycle_ratio=0.3, cluster_ratio=0.1):
     """One SparseVLM pruning step (see :func:`mllm_ref.tokens.sparsevlm.sparsevlm`)."""
     attn, hidden, embeds, n, scale, tau, cr = _validate(
-        attn, hidden, embeds, n_visual, scale, recycle_ratio, cluster_ratio
+        attn, hidden, embeds, n_visual, scale, recycle_ratio, cluster_ratio, check_values=False
     )
     a, h, e = as_tensor(attn), as_tensor(hidden), as_tensor(embeds)
+    attn_finite, lo = finite_and_min(a)
+    value_errors({"attn": attn_finite, "hidden": finite_and_min(h)[0], "embeds": finite_and_min(e)[0]}, not lo < 0)
     work = h.float() if h.dtype == torch.float16 else h
     e = e.float() if e.dtype == torch.float16 else e
     m = hidden.shape[0] - n

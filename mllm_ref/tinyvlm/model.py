@@ -112,7 +112,7 @@ def _check_params(model: TinyVLM) -> None:
             raise ValueError(f"parameter {name} has shape {model.params[name].shape}, expected {shape}")
 
 
-def _apply_update(update, x, n_visual, cfg):
+def _apply_update(update, x, n_visual, cfg, old_positions, protected):
     if not isinstance(update, DecoderUpdate):
         raise TypeError(f"TokenPolicy.in_decoder must return indices, a DecoderUpdate or None, got {type(update).__name__}")
     n_text = x.shape[0] - n_visual
@@ -124,7 +124,14 @@ def _apply_update(update, x, n_visual, cfg):
         raise ValueError("DecoderUpdate must not alter the text tokens")
     if update.source.shape != (cfg.n_patches,) or update.source.max() >= nv or update.source.min() < -1:
         raise ValueError(f"DecoderUpdate.source must map the {cfg.n_patches} patches to its {nv} visual tokens or -1")
-    return h.astype(np.float32), np.asarray(update.positions, dtype=np.int64), nv, update.source
+    positions = np.asarray(update.positions, dtype=np.int64)
+    if not np.array_equal(positions[nv:], old_positions[n_visual:]):
+        raise ValueError("DecoderUpdate must not change the text tokens' positions")
+    if protected is not None and np.any(protected):
+        kept = 0 if update.protected is None else int(np.count_nonzero(update.protected))
+        if update.protected is None or update.protected.shape != (nv,) or kept != np.count_nonzero(protected):
+            raise ValueError("DecoderUpdate must carry every protected visual token on (protected: bool[n_visual])")
+    return h.astype(np.float32), positions, nv, update.source
 
 
 @dataclass
@@ -376,7 +383,7 @@ def prefill(
         if out is None:
             continue
         if isinstance(out, DecoderUpdate):
-            x, positions, cur_vis, source = _apply_update(out, x, cur_vis, cfg)
+            x, positions, cur_vis, source = _apply_update(out, x, cur_vis, cfg, positions, protected)
             protected = out.protected
             continue
         if not isinstance(out, (np.ndarray, list, tuple)):

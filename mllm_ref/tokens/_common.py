@@ -5,6 +5,8 @@ Conventions every technique of the family follows:
 - A *keep ratio* is the fraction of visual tokens kept; the count kept is :func:`keep_count` (round half up,
   at least one token unless the ratio is 0 and the technique allows it).
 - Selection ties go to the lower index, and kept tokens stay in their original order (:func:`top_k_indices`).
+  A tie is a tie of the scores as computed: scores equal in exact arithmetic but summed in another order (as a
+  fast path may) can round apart, so only ties that survive rounding are guaranteed to break alike.
 - Merging is size-weighted: merging tokens ``x_i`` with sizes ``s_i`` gives ``sum(s_i x_i) / sum(s_i)`` with size
   ``sum(s_i)``, so the size-weighted sum of all tokens is preserved (ToMe's invariant).
 """

@@ -18,7 +18,10 @@ With ``A`` the attention weights of layer ``K-1`` (``[H, T, T]``, rows are queri
   model gives zeros above the diagonal; they count in the mean).
 
 The ``n - round(R n)`` image tokens with the highest scores are kept (ties to the lower index), in their order.
-The paper's theoretical FLOPs ratio for a ``T``-layer model with ``n`` tokens at width ``d`` and FFN width ``m``:
+Ties are decided on the float64 scores as summed: two columns whose sums are equal in exact arithmetic can round
+apart in another summation order (the fast paths sum in other orders), so such exact ties are not guaranteed to
+break alike; the registered cases keep scores far apart.
+The paper's theoretical FLOPs ratio for an ``L``-layer model with ``n`` tokens at width ``d`` and FFN width ``m``:
 ``(K * f(n) + (L - K) * f(n')) / (L * f(n))`` with ``f(n) = 4 n d^2 + 2 n^2 d + 2 n d m``
 (:func:`flops_ratio`).
 
@@ -278,7 +281,9 @@ register(
         model_level=True,
         notes=(
             "scores by the last token's attention as the authors' code does (scoring='mean' for the paper's "
-            "wording); the paper's K=2 of 32 layers becomes K=1 of the tiny VLM's 4"
+            "wording); the paper's K=2 of 32 layers becomes K=1 of the tiny VLM's 4, where R=50% cannot reach "
+            "the paper's 45% FLOPs saving (3 of 4 layers still run) and the first layer's attention misses "
+            "objects (see the chapter)"
         ),
         extra={
             "plugs": lambda model: Plugs(token_policy=FastVPolicy(DEFAULT_K, DEFAULT_RATIO)),

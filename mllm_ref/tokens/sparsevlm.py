@@ -87,11 +87,14 @@ TIE_MARGIN = 1e-9
 RANK_EPS = float(np.finfo(np.float32).eps)
 
 
-def _validate(attn, hidden, embeds, n_visual, scale, recycle_ratio, cluster_ratio):
-    """Shared entry checks (the fast paths use them too)."""
-    attn = _checks.float_array(attn, "attn", ndim=3)
-    hidden = _checks.float_array(hidden, "hidden", ndim=2)
-    embeds = _checks.float_array(embeds, "embeds", ndim=2)
+def _validate(attn, hidden, embeds, n_visual, scale, recycle_ratio, cluster_ratio, *, check_values: bool = True):
+    """Shared entry checks (the fast paths use them too). ``check_values=False`` leaves out the scans of the
+    arrays' values (NaN/inf, negative weights), for a fast path that checks them in its own pass and raises
+    :func:`value_errors`' messages."""
+    lax = not check_values
+    attn = _checks.float_array(attn, "attn", ndim=3, allow_nonfinite=lax)
+    hidden = _checks.float_array(hidden, "hidden", ndim=2, allow_nonfinite=lax)
+    embeds = _checks.float_array(embeds, "embeds", ndim=2, allow_nonfinite=lax)
     _checks.same_dtype("attn", attn, "hidden", hidden)
     _checks.same_dtype("attn", attn, "embeds", embeds)
     t = hidden.shape[0]
@@ -108,9 +111,22 @@ def _validate(attn, hidden, embeds, n_visual, scale, recycle_ratio, cluster_rati
     scale = _checks.real(scale, "scale", low=0.0, high=1.0)
     recycle_ratio = _checks.real(recycle_ratio, "recycle_ratio", low=0.0, high=1.0)
     cluster_ratio = _checks.real(cluster_ratio, "cluster_ratio", low=0.0, high=1.0)
-    if attn.min() < 0:
-        raise ValueError("attn must hold attention weights (>= 0)")
+    if check_values and attn.min() < 0:
+        raise ValueError(NEGATIVE_ATTN)
     return attn, hidden, embeds, n_visual, scale, recycle_ratio, cluster_ratio
+
+
+NEGATIVE_ATTN = "attn must hold attention weights (>= 0)"
+
+
+def value_errors(finite: dict, attn_nonnegative: bool) -> None:
+    """Raise the reference's error for the first failed value check: ``finite`` maps ``"attn"``, ``"hidden"``,
+    ``"embeds"`` to whether that array is free of NaN/inf (used by the fast paths' own scans)."""
+    for name in ("attn", "hidden", "embeds"):
+        if not finite[name]:
+            raise ValueError(f"{name} contains NaN or infinite values")
+    if not attn_nonnegative:
+        raise ValueError(NEGATIVE_ATTN)
 
 
 def raters(embeds: np.ndarray, n_visual: int) -> np.ndarray:
