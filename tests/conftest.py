@@ -37,3 +37,11 @@ def scratch_registry(monkeypatch):
     registry.load_all()
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     return registry.register
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The bundled tiny VLM, loaded once per test process."""
+    from mllm_ref.tinyvlm.model import load
+
+    return load()

@@ -21,11 +21,6 @@ from mllm_ref.tinyvlm.model import (
 )
 
 
-@pytest.fixture(scope="module")
-def model():
-    return load()
-
-
 # ---------------------------------------------------------------- the world
 
 

@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 
 from mllm_ref.tinyvlm import tokenizer, world
-from mllm_ref.tinyvlm.model import Trace, encode_tokens, load, prefill
+from mllm_ref.tinyvlm.model import Trace, encode_tokens, prefill
 from mllm_ref.tinyvlm.plugs import DecoderUpdate, Plugs, TokenPolicy, VisualTokens, remap_source
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from mllm_ref.oracle import registry
 from mllm_ref.tinyvlm import tokenizer, world
-from mllm_ref.tinyvlm.model import Trace, load, prefill
+from mllm_ref.tinyvlm.model import Trace, prefill
 from mllm_ref.tinyvlm.plugs import Plugs
 from mllm_ref.tokens.dart import DartPolicy, dart, key_norms, make_policy, pivots, quotas
 
@@ -85,11 +85,6 @@ def test_permuting_the_visual_tokens_permutes_the_choice(kw, seed):
     keep, _ = dart(**kw)
     keep_p, _ = dart(**{**kw, "keys": kw["keys"][:, full], "hidden": kw["hidden"][full]})
     assert sorted(perm[keep_p].tolist()) == keep.tolist()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from mllm_ref.oracle import registry
 from mllm_ref.tinyvlm import tokenizer, world
-from mllm_ref.tinyvlm.model import Trace, generate, load, prefill
+from mllm_ref.tinyvlm.model import Trace, generate, prefill
 from mllm_ref.tinyvlm.plugs import Plugs
 from mllm_ref.tokens.fastv import FastVPolicy, fastv, fastv_scores, flops_ratio, make_policy, n_kept
 
@@ -117,11 +117,6 @@ def test_flops_ratio_reproduces_the_papers_claim():
 
 
 # ------------------------------------------------------------------------------------------------- tiny VLM
-@pytest.fixture(scope="module")
-def model():
-    return load()
-
-
 @pytest.fixture(scope="module")
 def example():
     return world.vqa_set(world.EVAL_SEED, 1)[0]

@@ -207,13 +207,6 @@ def test_output_aware_cache_evicts_and_tracks_the_visual_count():
 
 
 # ------------------------------------------------------------------------------------------------- the tiny VLM
-@pytest.fixture(scope="module")
-def model():
-    from mllm_ref.tinyvlm.model import load
-
-    return load()
-
-
 @pytest.mark.parametrize("keep_ratio", [16 / 144, 0.5, None])
 def test_plugs_on_the_tiny_vlm(model, keep_ratio):
     from mllm_ref.tinyvlm import tokenizer, world

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mllm_ref.tinyvlm import tokenizer, world
-from mllm_ref.tinyvlm.model import Trace, encode_tokens, load, prefill
+from mllm_ref.tinyvlm.model import Trace, encode_tokens, prefill
 from mllm_ref.tinyvlm.plugs import Plugs
 from mllm_ref.tokens.pool import PoolPolicy, cell_map, interpolate_bilinear, make_policy, pool, pooled_grid
 
@@ -154,11 +154,6 @@ def test_bad_arguments_are_named(kwargs, exc, name):
 
 
 # --------------------------------------------------------------------------------------------------- tiny VLM
-@pytest.fixture(scope="module")
-def model():
-    return load()
-
-
 @pytest.fixture(scope="module")
 def example():
     return world.vqa_set(world.EVAL_SEED, 1)[0]

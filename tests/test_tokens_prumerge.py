@@ -163,13 +163,6 @@ def test_bad_arguments_name_themselves():
 
 
 # ------------------------------------------------------------------------------------------------- the tiny VLM
-@pytest.fixture(scope="module")
-def model():
-    from mllm_ref.tinyvlm.model import load
-
-    return load()
-
-
 @pytest.mark.parametrize("policy", [PruMergePolicy(plus=True), make_policy(0.25), make_policy(0.1, plus=True)])
 def test_policy_on_the_tiny_vlm(model, policy):
     from mllm_ref.tinyvlm import tokenizer, world

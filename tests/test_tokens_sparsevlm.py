@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from mllm_ref.oracle import registry
 from mllm_ref.tinyvlm import tokenizer, world
-from mllm_ref.tinyvlm.model import Trace, load, prefill
+from mllm_ref.tinyvlm.model import Trace, prefill
 from mllm_ref.tinyvlm.plugs import Plugs
 from mllm_ref.tokens.sparsevlm import (
     SparseVLMPolicy,
@@ -152,11 +152,6 @@ def test_scale_for_maps_the_keep_ratio():
     assert scale_for(1.0) == 0.0
     assert scale_for(1 / 8, 3) == pytest.approx(0.5)
     assert scale_for(0.0) == 1.0
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import pytest
 
 from mllm_ref.cli import main
 from mllm_ref.oracle import registry
-from mllm_ref.tinyvlm.model import load
 from mllm_ref.tinyvlm.plugs import Plugs, TokenPolicy
 from mllm_ref.tinyvlm.tour import format_table, run_tour
 
@@ -17,11 +16,6 @@ TOUR_KEYS = {
     "id", "setting", "accuracy", "accuracy_delta", "prefill_flops_ratio", "llm_prefill_flops_ratio", "kv_bytes_ratio",
     "decode_tps_ratio", "wall_ratio", "layers_ratio", "identical_output",
 }
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load()
 
 
 class _KeepFirstHalf(TokenPolicy):
