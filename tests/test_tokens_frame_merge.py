@@ -84,6 +84,12 @@ def test_threshold_mode_invariants(x, tau):
     merged.reshape(-1)[:] = True
     merged.reshape(-1)[out["kept"]] = False
     np.testing.assert_array_equal(merged[1:], out["similarity"] > x.dtype.type(tau))
+    # the similarity is the cosine of each token with the same place in the previous frame (computed here anew)
+    a, b = x[1:].astype(np.float64), x[:-1].astype(np.float64)
+    na = np.maximum(np.linalg.norm(a, axis=-1), np.finfo(np.float64).tiny)
+    nb = np.maximum(np.linalg.norm(b, axis=-1), np.finfo(np.float64).tiny)
+    cos = np.sum((a / na[..., None]) * (b / nb[..., None]), axis=-1)  # a zero token has similarity 0
+    np.testing.assert_allclose(out["similarity"], cos, rtol=0, atol=1e-5 if x.dtype == np.float32 else 1e-12)
 
 
 @PROPS

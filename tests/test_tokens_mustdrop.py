@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mllm_ref.tinyvlm.plugs import PromptInfo
+from mllm_ref.tinyvlm.plugs import Plugs, PromptInfo
+from mllm_ref.tokens._common import keep_count
 from mllm_ref.tokens.mustdrop import (
+    MustDropPolicy,
     OutputAwareKV,
     _case,
     dual_attention_filter,
@@ -238,3 +240,40 @@ def test_plugs_on_the_tiny_vlm(model, keep_ratio):
 
 def test_make_policy_maps_the_ratio():
     assert make_policy(0.25).keep_ratio == 0.25 and make_policy(None).keep_ratio is None
+
+
+@pytest.mark.parametrize("keep_ratio", [0.0, 0.02])
+def test_a_tiny_keep_ratio_keeps_the_key_set(model, keep_ratio):
+    """A forced count below the key set's size keeps the key set (no stage may drop it) instead of failing."""
+    from mllm_ref.tinyvlm import tokenizer, world
+    from mllm_ref.tinyvlm.model import Trace, prefill
+
+    ex = world.vqa_set(world.EVAL_SEED, 1)[1]
+    ids = tokenizer.prompt_ids(ex.qa.question)
+    trace = Trace()
+    logits, _ = prefill(model, ex.image, ids, make_plugs(keep_ratio), trace)
+    assert np.isfinite(logits).all()
+    assert 1 <= trace.layer_tokens[2] - len(ids) <= trace.layer_tokens[1] - len(ids)
+
+
+def test_text_rows_and_positions_pass_the_filter_unchanged(model):
+    """The prefill filter after layer 1 keeps every text token, with its position id (the model refuses a policy
+    whose kept indices miss a text token, see tests/test_tinyvlm_token_plug.py)."""
+    from mllm_ref.tinyvlm import tokenizer, world
+    from mllm_ref.tinyvlm.model import prefill
+
+    seen = {}
+
+    class Recorder(MustDropPolicy):
+        def in_decoder(self, layer, view):
+            seen[layer] = (view.hidden.copy(), view.positions.copy(), view.n_visual)
+            return super().in_decoder(layer, view)
+
+    ex = world.vqa_set(world.EVAL_SEED, 1)[1]
+    ids = tokenizer.prompt_ids(ex.qa.question)
+    prefill(model, ex.image, ids, Plugs(token_policy=Recorder(keep_ratio=0.25)))
+    _, pos1, nv1 = seen[1]
+    _, pos2, nv2 = seen[2]
+    assert nv2 == keep_count(144, 0.25) < nv1
+    assert pos2[nv2:].tolist() == pos1[nv1:].tolist() == list(range(1, len(ids) + 1))
+    assert np.all(pos2[:nv2] == 0)

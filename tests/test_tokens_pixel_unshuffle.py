@@ -116,3 +116,12 @@ def test_bad_input_is_named(fn, x, r, exc, name):
 def test_registered_not_model_level():
     t = registry.get("tokens.pixel_unshuffle")
     assert not t.model_level and "connector" in t.notes
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_outputs_never_share_memory_with_the_input(r):
+    x = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
+    y = pixel_unshuffle(x, r)
+    assert not np.shares_memory(y, x)
+    z = pixel_shuffle(y, r)
+    assert not np.shares_memory(z, y) and np.array_equal(z, x)

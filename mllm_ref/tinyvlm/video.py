@@ -22,7 +22,8 @@ from mllm_ref.tinyvlm import world
 
 @dataclass(frozen=True)
 class Clip:
-    """A clip: its frames, the scene drawn in each frame, and each object's velocity ``(vx, vy)`` in pixels."""
+    """A clip: its frames, the scene drawn in each frame, and each object's initial velocity ``(vx, vy)`` in pixels
+    per frame (a bounce off the border flips it)."""
 
     frames: np.ndarray
     scenes: tuple[world.Scene, ...]

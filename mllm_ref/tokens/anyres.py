@@ -217,7 +217,8 @@ def anyres_token_count(
         candidate_resolutions: ``int[K, 2]`` of ``(width, height)``.
         tile_size: the encoder's input side ``s``; patch_size: its patch side ``p`` (``g = floor(s / p)``).
         unpad: cut the padding rows/columns (``unpad_image``); newline: one newline token per row.
-        max_tiles: LLaVA-OneVision's ``anyres_max_N`` (shrink the map when it exceeds ``N`` tiles by > 1.1 per side).
+        max_tiles: LLaVA-OneVision's ``anyres_max_N`` (shrink the map when it exceeds ``N`` tiles by > 1.1 per side);
+            only with ``unpad`` (the code shrinks in its unpad branch alone).
 
     Returns:
         ``{"grid": (cols, rows) of tiles, "tile_tokens": g^2 per tile and the thumbnail, "feature_shape": (R, C)
@@ -233,6 +234,8 @@ def anyres_token_count(
     if unpad:
         rows, cols = unpad_shape(image_size, (rows, cols))
     if max_tiles is not None:
+        if not unpad:
+            raise ValueError("max_tiles (LLaVA-OneVision's anyres_max) applies with unpad=True only, as in its code")
         max_tiles = _checks.integer(max_tiles, "max_tiles", low=1)
         times = math.sqrt(rows * cols / (max_tiles * g * g))
         if times > 1.1:

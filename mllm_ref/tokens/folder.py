@@ -24,7 +24,9 @@ Rounds repeat until ``r`` tokens are gone: ``N -> N - r``. With ``r <= (N - 1) /
 matching (up to the order of the output). Sums ``sum_i s_i x_i`` and ``sum_i s_i`` are preserved.
 
 Tie-breaking (discrete outputs are compared exactly): ``b(a)`` is the lowest-index ``B`` token among equal
-scores; edges with equal scores are ranked by increasing ``A`` index (a stable sort).
+scores; edges with equal scores are ranked by increasing ``A`` index (a stable sort). A tie is one of the scores
+as computed: similarities equal in exact arithmetic (quantised keys) can round apart in the fast paths' other
+summation orders, so only ties that survive rounding are guaranteed to break alike.
 
 Shape legend:
     x: ``[N, C]`` tokens; keys: ``[H, N, d]`` the block's keys (averaged over heads), or ``[N, d]`` a metric used as
@@ -37,7 +39,10 @@ plain cosine (the official simplified ``merge_features`` does the same, on featu
 simplified version also multiplies the output by ``1 + log(size)``; that is an option of the tiny-VLM policy
 (``log_size_scale``, off by default as in the LLaVA integration). The official ``r_threshold`` (skip merging below
 40 tokens) is not applied. The tiny-VLM default merges in the last of the 3 encoder blocks, 70% fewer tokens
-(144 -> 43), the paper's headline ratio.
+(144 -> 43), the paper's headline ratio. The survivors' spatial order is that of the official standalone
+``merge_features``; the repository's BLIP integration returns ToMe's ``[unmerged A, B]`` order instead, and since
+``A``/``B`` are the even/odd positions of the current sequence, the order changes which tokens later fold rounds
+pair up.
 """
 
 from __future__ import annotations

@@ -46,7 +46,9 @@ reduce the size of the KV cache"): evict visual entries the generated token bare
 (the code puts merged windows first); windows cut by the grid's border are allowed (the code requires the grid to
 divide by ``w``). On the tiny VLM (no class token), the key set uses the mean attention each token receives in
 the last encoder block, see :class:`MustDropPolicy`; the merge runs inside encoder block 0 after its attention
-(the code: after the whole first layer).
+(the code: after the whole first layer). The code filters at four layers (2, 6, 10, 14 of 32), renewing the key
+set each time; the tiny VLM's policy filters once, after decoder layer 1 of 4, with the key set of the encoder.
+A forced ``keep_ratio`` never keeps fewer tokens than the key set holds.
 """
 
 from __future__ import annotations
@@ -296,7 +298,7 @@ class MustDropPolicy(TokenPolicy):
     ):
         self.window = _checks.integer(window, "window", low=1)
         self.merge_threshold = _checks.real(merge_threshold, "merge_threshold")
-        self.merge_layer = _checks.integer(merge_layer, "merge_layer", low=-1)
+        self.merge_layer = _checks.integer(merge_layer, "merge_layer", low=-1)  # -1: no stage (a)
         self.key_rate = _checks.real(key_rate, "key_rate", low=0.0, high=1.0)
         self.layer = _checks.integer(layer, "layer", low=0)
         self.global_thr = _checks.real(global_thr, "global_thr", low=0.0)
@@ -331,8 +333,8 @@ class MustDropPolicy(TokenPolicy):
         nv, t = view.n_visual, view.hidden.shape[0]
         protected = np.zeros(nv, dtype=bool) if view.protected is None else view.protected
         n_keep = None
-        if self.keep_ratio is not None:
-            n_keep = min(nv, keep_count(int(view.source.size), self.keep_ratio))
+        if self.keep_ratio is not None:  # never below the key set, which no stage may drop
+            n_keep = min(nv, max(keep_count(int(view.source.size), self.keep_ratio), int(protected.sum())))
         text_attn = view.attn[:, nv:, :nv]
         keep = dual_attention_filter(text_attn, global_thr=self.global_thr, individual_thr=self.individual_thr,
                                      protected=protected, n_keep=n_keep)  # fmt: skip

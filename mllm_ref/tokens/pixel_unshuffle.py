@@ -62,7 +62,7 @@ def pixel_unshuffle(x: np.ndarray, r: int = 2) -> np.ndarray:
     *lead, h, w, c = x.shape
     y = x.reshape(*lead, h // r, r, w // r, r, c)
     y = np.moveaxis(y, -4, -3)  # (..., h/r, w/r, dy, dx, C)
-    return np.ascontiguousarray(y).reshape(*lead, h // r, w // r, r * r * c)
+    return np.array(y, order="C", copy=True).reshape(*lead, h // r, w // r, r * r * c)  # never a view of x
 
 
 def pixel_shuffle(y: np.ndarray, r: int = 2) -> np.ndarray:
@@ -83,7 +83,7 @@ def pixel_shuffle(y: np.ndarray, r: int = 2) -> np.ndarray:
     c = d // (r * r)
     x = y.reshape(*lead, hh, ww, r, r, c)
     x = np.moveaxis(x, -3, -4)  # (..., h', dy, w', dx, C)
-    return np.ascontiguousarray(x).reshape(*lead, hh * r, ww * r, c)
+    return np.array(x, order="C", copy=True).reshape(*lead, hh * r, ww * r, c)  # never a view of y
 
 
 def unshuffle_source(grid: tuple[int, int], r: int = 2) -> np.ndarray:

@@ -165,6 +165,9 @@ def cell_map(grid: tuple[int, int], out_grid: tuple[int, int], mode: str = "aver
         live = np.ones(h * w, dtype=bool)
     else:
         stride = _checks.integer(stride, "stride", low=1)
+        if (oh, ow) != (h // stride, w // stride):
+            raise ValueError(f"out_grid must be the floor-mode pooled grid {(h // stride, w // stride)} of {grid} at "
+                             f"stride {stride}, got {(oh, ow)}")  # fmt: skip
         a, b = i // stride, j // stride
         live = (a < oh) & (b < ow)
     source = np.where(live, a * ow + b, -1).astype(np.int64)
