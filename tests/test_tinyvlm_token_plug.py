@@ -50,6 +50,20 @@ def test_encoder_merge_uses_proportional_attention_and_counts_tokens(model, exam
     assert trace.n_visual == n - 1
 
 
+def test_a_merge_in_the_last_block_leaves_no_stale_view(model, example):
+    """Keys and weights of the last block describe the tokens before its merge: the view drops both."""
+
+    class MergeLast(_Merge2):
+        def in_encoder(self, layer, tokens, keys, prompt_ids):
+            return super().in_encoder(0, tokens, keys, prompt_ids) if layer == 2 else tokens
+
+    tokens, view, counts = encode_tokens(model, example.image, Plugs(token_policy=MergeLast()))
+    assert counts[-1] == (144, 143) and tokens.n == 143
+    assert view.keys is None and view.attn is None and view.features.shape == (143, 64)
+    with pytest.raises(ValueError, match="last encoder block"):
+        encode_tokens(model, example.image, Plugs(token_policy=MergeLast()), want_attention=True)
+
+
 def test_proportional_attention_equals_duplicated_keys():
     """log(size) in the scores weighs a token like ``size`` identical copies of its key and value."""
     from mllm_ref.nn.attention import attention

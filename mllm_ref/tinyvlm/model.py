@@ -131,7 +131,7 @@ def _apply_update(update, x, n_visual, cfg, old_positions, protected):
         kept = 0 if update.protected is None else int(np.count_nonzero(update.protected))
         if update.protected is None or update.protected.shape != (nv,) or kept != np.count_nonzero(protected):
             raise ValueError("DecoderUpdate must carry every protected visual token on (protected: bool[n_visual])")
-    return h.astype(np.float32), positions, nv, update.source
+    return h.astype(np.float32), positions, nv, update.source, update.protected
 
 
 @dataclass
@@ -272,7 +272,7 @@ def encode_tokens(
         if tokens.n != x.shape[0] and last and want_attention:
             raise ValueError("a token policy cannot both merge in the last encoder block and ask for its attention")
         if tokens.n != x.shape[0]:
-            k = None
+            k = weights = None  # computed on the tokens before the merge: no longer this block's view
         x = tokens.x
         h = layernorm(x, model[p + "ln2.weight"], model[p + "ln2.bias"], eps=cfg.ln_eps)
         x = x + _lin(plugs, model, gelu(_lin(plugs, model, h, p + "fc1")), p + "fc2")
@@ -383,8 +383,7 @@ def prefill(
         if out is None:
             continue
         if isinstance(out, DecoderUpdate):
-            x, positions, cur_vis, source = _apply_update(out, x, cur_vis, cfg, positions, protected)
-            protected = out.protected
+            x, positions, cur_vis, source, protected = _apply_update(out, x, cur_vis, cfg, positions, protected)
             continue
         if not isinstance(out, (np.ndarray, list, tuple)):
             raise TypeError(f"TokenPolicy.in_decoder must return None, kept indices or a DecoderUpdate, "

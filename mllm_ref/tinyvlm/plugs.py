@@ -116,13 +116,14 @@ class EncoderView:
     """What the encoder's last block shows a token policy (for methods that score patches there).
 
     Attributes:
-        keys: ``float32[Hv, N, dv]`` the last block's keys.
+        keys: ``float32[Hv, N, dv]`` the last block's keys (``None`` when a policy merged tokens inside that block:
+            its keys belong to the tokens before the merge; so do ``attn``'s weights, also ``None`` then).
         attn: ``float32[Hv, N, N]`` the last block's attention weights when
             :meth:`TokenPolicy.needs_encoder_attention` is true, else ``None``.
         features: ``float32[N, Cv]`` the encoder output (after its final norm), before the connector.
     """
 
-    keys: np.ndarray
+    keys: np.ndarray | None
     attn: np.ndarray | None
     features: np.ndarray
 
