@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@echo "installing the project and its extras into $(VENV) (log: $(VENV)/pip.log)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[dev]" \
 		> $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
-	$(BIN)/python -c "import mllm_ref, numba, torch, hypothesis, jupytext, jupyter_book, matplotlib" 
+	$(BIN)/python -c "import mllm_ref, numba, torch, hypothesis, jupytext, jupyter_book, matplotlib, transformers" 
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,7 +35,7 @@ book: install
 	$(BIN)/jupyter-book build book
 
 train: install
-	$(BIN)/python -m kernels_torch.tinyvlm.train --out mllm_ref/tinyvlm/weights
+	$(BIN)/python -m kernels_torch.tinyvlm.train --layers 12 --visual-dropout 0.5 --out mllm_ref/tinyvlm/weights
 
 clean:
 	rm -rf build book/_build .pytest_cache .hypothesis

@@ -12,7 +12,7 @@ from mllm_ref.oracle import registry
 from mllm_ref.tinyvlm import tokenizer, world
 from mllm_ref.tinyvlm.model import Trace, prefill
 from mllm_ref.tinyvlm.plugs import Plugs
-from mllm_ref.tokens.dart import DartPolicy, dart, key_norms, make_policy, pivots, quotas
+from mllm_ref.tokens.dart import DEFAULT_LAYER, DartPolicy, dart, key_norms, make_policy, pivots, quotas
 
 TECH = registry.get("tokens.dart")
 
@@ -98,7 +98,8 @@ def test_policy_keeps_the_budget_and_the_text(model, example):
     trace = Trace()
     logits, _ = prefill(model, image, ids, Plugs(token_policy=make_policy(model=model)), trace)
     p = ids.size
-    assert trace.layer_tokens == [144 + p, 32 + p, 32 + p, 32 + p]  # after layer 0: 32 of 144 (128 of 576)
+    after = DEFAULT_LAYER + 1  # layers 0 .. DEFAULT_LAYER see every token, the rest 32 of 144 (128 of 576)
+    assert trace.layer_tokens == [144 + p] * after + [32 + p] * (model.config.layers - after)
     assert np.count_nonzero(trace.source >= 0) == 32 and trace.source.max() == 31
     assert np.isfinite(logits).all()
 

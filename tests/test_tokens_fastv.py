@@ -11,7 +11,7 @@ from mllm_ref.oracle import registry
 from mllm_ref.tinyvlm import tokenizer, world
 from mllm_ref.tinyvlm.model import Trace, generate, prefill
 from mllm_ref.tinyvlm.plugs import Plugs
-from mllm_ref.tokens.fastv import FastVPolicy, fastv, fastv_scores, flops_ratio, make_policy, n_kept
+from mllm_ref.tokens.fastv import DEFAULT_K, FastVPolicy, fastv, fastv_scores, flops_ratio, make_policy, n_kept
 
 TECH = registry.get("tokens.fastv")
 CASES = TECH.strategy()
@@ -161,13 +161,13 @@ def test_decoding_after_pruning_runs_and_make_policy_maps_the_fraction(model, ex
     ids = tokenizer.prompt_ids(tokenizer.CAPTION_PROMPT)
     out = generate(model, example.image, ids, plugs=Plugs(token_policy=make_policy(0.25)), max_new_tokens=8)
     assert 1 <= len(out.tokens) <= 8
-    # layer 0 ran on every token and caches them all (the trace records layer 0); the three later layers cache
-    # the 36 kept image tokens: KV bytes are (1 * (144 + P) + 3 * (36 + P)) / (4 * (144 + P)) of the plain model's
-    n, p = model.config.n_patches, len(ids)
+    # layers 0 .. K-1 ran on every token and cache them all (the trace records layer 0); the L - K later layers
+    # cache the 36 kept image tokens: KV bytes are (K (144 + P) + (L - K)(36 + P)) / (L (144 + P)) of the plain's
+    n, p, k, n_layers = model.config.n_patches, len(ids), DEFAULT_K, model.config.layers
     assert out.trace.decode_context[0] == n + p
     steps = len(out.trace.decode_context)
     per_token = 2 * model.config.kv_heads * model.config.head_dim * 4  # float32 keys and values, one layer
-    assert out.trace.kv_bytes == per_token * ((n + p + steps) + 3 * (n_kept(n, 0.75) + p + steps))
+    assert out.trace.kv_bytes == per_token * (k * (n + p + steps) + (n_layers - k) * (n_kept(n, 0.75) + p + steps))
     assert make_policy(0.25).ratio == pytest.approx(0.75) and make_policy(1.0).ratio == 0.0
     with pytest.raises(ValueError, match="keep_ratio"):
         make_policy(1.2)

@@ -223,10 +223,11 @@ def test_plugs_on_the_tiny_vlm(model, keep_ratio):
     assert np.all(tokens.source >= 0) and tokens.size.sum() == 144
     trace = Trace()
     logits, state = prefill(model, ex.image, ids, plugs, trace)
-    n_after = trace.layer_tokens[2] - ids.size
+    after = policy.layer + 1  # the first layer that runs on the filtered tokens
+    n_after = trace.layer_tokens[after] - ids.size
     if keep_ratio is not None:
         assert n_after == min(round(keep_ratio * 144), tokens.n)
-    assert trace.layer_tokens[:2] == [tokens.n + ids.size] * 2  # nothing dropped before layer 1's output
+    assert trace.layer_tokens[:after] == [tokens.n + ids.size] * after  # nothing dropped before the filter
     # the key set (protected after the connector) survives the prefill filter
     marked = policy.after_connector(tokens, ids, view)
     key_patches = np.flatnonzero(marked.protected[tokens.source])
@@ -251,13 +252,15 @@ def test_a_tiny_keep_ratio_keeps_the_key_set(model, keep_ratio):
     ex = world.vqa_set(world.EVAL_SEED, 1)[1]
     ids = tokenizer.prompt_ids(ex.qa.question)
     trace = Trace()
-    logits, _ = prefill(model, ex.image, ids, make_plugs(keep_ratio), trace)
+    plugs = make_plugs(keep_ratio)
+    logits, _ = prefill(model, ex.image, ids, plugs, trace)
     assert np.isfinite(logits).all()
-    assert 1 <= trace.layer_tokens[2] - len(ids) <= trace.layer_tokens[1] - len(ids)
+    layer = plugs.token_policy.layer
+    assert 1 <= trace.layer_tokens[layer + 1] - len(ids) <= trace.layer_tokens[layer] - len(ids)
 
 
 def test_text_rows_and_positions_pass_the_filter_unchanged(model):
-    """The prefill filter after layer 1 keeps every text token, with its position id (the model refuses a policy
+    """The prefill filter keeps every text token, with its position id (the model refuses a policy
     whose kept indices miss a text token, see tests/test_tinyvlm_token_plug.py)."""
     from mllm_ref.tinyvlm import tokenizer, world
     from mllm_ref.tinyvlm.model import prefill
@@ -271,9 +274,10 @@ def test_text_rows_and_positions_pass_the_filter_unchanged(model):
 
     ex = world.vqa_set(world.EVAL_SEED, 1)[1]
     ids = tokenizer.prompt_ids(ex.qa.question)
-    prefill(model, ex.image, ids, Plugs(token_policy=Recorder(keep_ratio=0.25)))
-    _, pos1, nv1 = seen[1]
-    _, pos2, nv2 = seen[2]
+    recorder = Recorder(keep_ratio=0.25)
+    prefill(model, ex.image, ids, Plugs(token_policy=recorder))
+    _, pos1, nv1 = seen[recorder.layer]
+    _, pos2, nv2 = seen[recorder.layer + 1]
     assert nv2 == keep_count(144, 0.25) < nv1
     assert pos2[nv2:].tolist() == pos1[nv1:].tolist() == list(range(1, len(ids) + 1))
     assert np.all(pos2[:nv2] == 0)

@@ -14,9 +14,10 @@ decoder layer 0 is taught to look objects up: a question word naming an object (
 attention on that object's patches; and the first two dimensions of an object's visual tokens carry the column
 and row of its centre. None of this changes the network; it only shapes what training finds. The
 dense signal teaches the encoder what is where long before the answers alone
-would. Optionally (``--visual-dropout P``, off in the shipped model's run) each image, with probability ``P``,
-loses a random share of its visual tokens inside the decoder after a random layer, as token-dropping methods do
-at inference; ``--layers`` sets the decoder depth. Everything is seeded: the scene stream comes from
+would. With ``--visual-dropout P`` (0.5 by default, as the shipped model was trained; 0 turns it off) each image,
+with probability ``P``, loses a random share of its visual tokens inside the decoder after a random layer, as
+token-dropping methods do at inference; ``--layers`` sets the decoder depth (12 by default, as shipped).
+Everything is seeded: the scene stream comes from
 ``numpy.random.default_rng(seed)`` and the initialisation from ``torch.manual_seed(seed)``; with the same thread
 count the run is reproducible.
 """
@@ -77,15 +78,19 @@ def make_segments(scene: world.Scene, rng: np.random.Generator, n_questions: int
     return segs
 
 
-def make_batch(rng: np.random.Generator, batch: int, n_questions: int, n_vis: int):
-    """Images, packed tokens, positions, attention mask and loss targets for ``batch`` fresh scenes."""
+def make_batch(rng: np.random.Generator, batch: int, n_questions: int, n_vis: int, with_lookup: bool = True):
+    """Images, packed tokens, positions, attention mask and loss targets for ``batch`` fresh scenes.
+
+    ``n_vis`` visual tokens come first; with ``with_lookup`` they are the patches of a square grid and the
+    attention-supervision targets are filled (a connector variant's query tokens have none: all False)."""
     images, rows, labels, owners = [], [], [], []
     for _ in range(batch):
         scene = world.make_scene(rng)
         images.append(world.render(scene))
         rows.append(make_segments(scene, rng, n_questions))
         labels.append(patch_labels(scene))
-        owners.append(world.patch_objects(scene, world.IMAGE_SIZE // int(np.sqrt(n_vis))).reshape(-1))
+        if with_lookup:
+            owners.append(world.patch_objects(scene, world.IMAGE_SIZE // int(np.sqrt(n_vis))).reshape(-1))
     t = max(sum(len(ids) for ids, _, _ in segs) for segs in rows)
     tokens = np.full((batch, t), tok.PAD, dtype=np.int64)
     positions = np.zeros((batch, t), dtype=np.int64)
@@ -103,7 +108,7 @@ def make_batch(rng: np.random.Generator, batch: int, n_questions: int, n_vis: in
             # the logit after token i predicts token i+1; supervise the answer tokens and <eos>
             targets[b, at + plen - 1 : at + n - 1] = ids[plen:]
             for j, obj in enumerate(named):
-                if obj >= 0:
+                if obj >= 0 and with_lookup:
                     lookup[b, at + j] = owners[b] == obj + 1
             at += n
     full = n_vis + t
@@ -238,7 +243,7 @@ def quick_eval(model: TinyVLM, examples: list[world.Example]) -> dict[str, float
             tokens[j, : len(p)] = torch.tensor(p)
             last.append(len(p) - 1)
         imgs = torch.from_numpy(np.stack([e.image for e in chunk]).astype(np.float32) / 255.0)
-        logits = model(imgs, tokens)[:, model.cfg.n_patches :]
+        logits = model(imgs, tokens)[:, -t:]  # the text positions (after however many visual tokens)
         pred = logits[torch.arange(len(chunk)), torch.tensor(last)].argmax(-1)
         for e, p in zip(chunk, pred.tolist()):
             hits.setdefault(e.qa.qtype, []).append(tok.VOCAB[p] == e.qa.answer)
@@ -273,8 +278,8 @@ def train(
     eval_every: int,
     aux_weight: float = 0.5,
     log=print,
-    layers: int = 4,
-    visual_dropout: float = 0.0,
+    layers: int = 12,
+    visual_dropout: float = 0.5,
 ) -> tuple[TinyVLM, dict]:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -352,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=300)
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers")
-    ap.add_argument("--visual-dropout", type=float, default=0.0,
+    ap.add_argument("--layers", type=int, default=12, help="decoder layers")
+    ap.add_argument("--visual-dropout", type=float, default=0.5,
                     help="probability that an image's visual tokens are partly dropped inside the decoder")
     ap.add_argument("--out", type=Path, default=Path("mllm_ref/tinyvlm/weights"))
     args = ap.parse_args(argv)

@@ -25,7 +25,7 @@ class TinyVLMConfig:
     vis_mlp: int = 256
     proj_hidden: int = 128
     dim: int = 128
-    layers: int = 4
+    layers: int = 12
     heads: int = 4
     kv_heads: int = 2
     ffn_dim: int = 352

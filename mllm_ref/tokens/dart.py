@@ -142,10 +142,9 @@ def dart(
 
 
 # ------------------------------------------------------------------------------------------- the tiny VLM plug
-#: The paper prunes at layer K = 2 of LLaVA-1.5's 32 (keys and output of layer K-1 = 1). Scaled to the tiny VLM's
-#: 4 layers (2 * 4 / 32 = 0.25) that is after layer 0, as the FastV row does with the same K = 2; layers 1-3 then
-#: run on the kept tokens. (After layer 1, as the paper's absolute index, scored lower on the held-out set.)
-DEFAULT_LAYER = 0
+#: The paper prunes at layer K = 2 of LLaVA-1.5's 32 (keys and output of layer K-1 = 1): the same on the tiny VLM's
+#: 12 layers, as the FastV row's K = 2; layers 2-11 then run on the kept tokens.
+DEFAULT_LAYER = 1
 #: The paper's main setting: 128 of 576 visual tokens kept (77.8% fewer), i.e. 32 of the tiny VLM's 144.
 DEFAULT_KEEP = 128 / 576
 #: Pivots: the paper's 4 visual + 4 text (on the tiny VLM, whose prompts have 4-6 words, 2 + 2 scored lower).
@@ -193,7 +192,7 @@ def _bundled_norm_weight() -> np.ndarray:
 
 
 def make_policy(keep_ratio: float = DEFAULT_KEEP, model=None) -> DartPolicy:
-    """DART after layer 0 keeping ``keep_count(n, keep_ratio)`` visual tokens (4 + 4 pivots), 1 being the
+    """DART after layer 1 (K = 2) keeping ``keep_count(n, keep_ratio)`` visual tokens (4 + 4 pivots), 1 being the
     identity. The final norm's weight of ``model`` (default: the bundled tiny VLM) is applied before the
     similarity, as in the authors' code."""
     weight = _bundled_norm_weight() if model is None else model["norm.weight"]
@@ -286,11 +285,11 @@ register(
         model_level=True,
         notes=(
             "L1 key norm picks 4+4 pivots; exactly n_keep kept (code: 132 for 128); "
-            "K=2 of 32 -> after layer 0 of 4 (as FastV's row); keep 128/576 -> 32 of 144"
+            "K=2 as the paper (after layer 1 of 12); keep 128/576 -> 32 of 144"
         ),
         extra={
             "plugs": lambda model: Plugs(token_policy=make_policy(DEFAULT_KEEP, model)),
-            "setting": "after layer 0, keep 32 of 144 (128 of 576), pivots 4 visual + 4 text by key L1 norm",
+            "setting": "K=2 (after layer 1), keep 32 of 144 (128 of 576), pivots 4 visual + 4 text by key L1 norm",
         },
     )
 )

@@ -47,7 +47,8 @@ reduce the size of the KV cache"): evict visual entries the generated token bare
 divide by ``w``). On the tiny VLM (no class token), the key set uses the mean attention each token receives in
 the last encoder block, see :class:`MustDropPolicy`; the merge runs inside encoder block 0 after its attention
 (the code: after the whole first layer). The code filters at four layers (2, 6, 10, 14 of 32), renewing the key
-set each time; the tiny VLM's policy filters once, after decoder layer 1 of 4, with the key set of the encoder.
+set each time; the tiny VLM's policy filters once, after decoder layer 1 (its K = 2, as the code's first
+filtering layer), with the key set of the encoder.
 A forced ``keep_ratio`` never keeps fewer tokens than the key set holds.
 """
 
@@ -273,8 +274,8 @@ class MustDropPolicy(TokenPolicy):
 
     (a) Inside encoder block ``merge_layer`` (after its attention), :func:`spatial_merge` on the 12 x 12 grid; after
     the connector, the key set from the last encoder block's attention (no class token: the mean attention each
-    token receives, over heads and queries). (b) After prefill layer ``layer`` (the paper's layer 2 of 32 becomes 1
-    of 4), :func:`dual_attention_filter` on the text tokens' attention, averaged over heads, protecting the key set.
+    token receives, over heads and queries). (b) After prefill layer ``layer`` (the code's first filtering layer, 2 of 32,
+    kept: after layer 1), :func:`dual_attention_filter` on the text tokens' attention, averaged over heads, protecting the key set.
 
     The key set found in :meth:`after_connector` travels with the request as the tokens' ``protected`` flags
     (:class:`mllm_ref.tinyvlm.plugs.VisualTokens`); the model refuses any later step that drops one.

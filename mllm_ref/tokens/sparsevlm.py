@@ -262,9 +262,9 @@ def sparsevlm(
 
 
 # ------------------------------------------------------------------------------------------- the tiny VLM plug
-#: The paper prunes after layers 2, 6 and 15 of LLaVA-1.5's 32; scaled to the tiny VLM's 4 layers (l * 4 / 32,
-#: rounded: 0.25, 0.75, 1.875) that is after layers 0, 1 and 2.
-DEFAULT_LAYERS = (0, 1, 2)
+#: The paper prunes after layers 2, 6 and 15 of LLaVA-1.5's 32; scaled to the tiny VLM's 12 layers (l * 12 / 32,
+#: rounded: 0.75, 2.25, 5.625) that is after layers 1, 2 and 6.
+DEFAULT_LAYERS = (1, 2, 6)
 #: Kept fraction after the last pruning layer: the paper's "192 of 576" setting, 48 of the tiny VLM's 144.
 DEFAULT_KEEP = 1.0 / 3.0
 
@@ -318,7 +318,7 @@ def scale_for(keep_ratio: float, n_layers: int = len(DEFAULT_LAYERS)) -> float:
 
 
 def make_policy(keep_ratio: float = DEFAULT_KEEP) -> SparseVLMPolicy:
-    """SparseVLM after layers 0, 1, 2 with ``lambda = scale_for(keep_ratio)``: about ``keep_ratio`` of the visual
+    """SparseVLM after layers 1, 2, 6 (the paper's 2, 6, 15 of 32, scaled) with ``lambda = scale_for(keep_ratio)``: about ``keep_ratio`` of the visual
     tokens are left after the last pruning layer (plus the rank term and the few recycled tokens); 1 is the
     identity."""
     return SparseVLMPolicy(DEFAULT_LAYERS, scale_for(keep_ratio))
@@ -420,11 +420,11 @@ register(
         model_level=True,
         notes=(
             "paper's rank rule N = floor(lambda (n - rank P)); raters from the decoder's input embeddings; "
-            "layers 2/6/15 of 32 -> after 0/1/2 of 4; lambda = 1 - keep^(1/3) for keep = 1/3 (192 of 576)"
+            "layers 2/6/15 of 32 -> after 1/2/6 of 12; lambda = 1 - keep^(1/3) for keep = 1/3 (192 of 576)"
         ),
         extra={
             "plugs": lambda model: Plugs(token_policy=make_policy(DEFAULT_KEEP)),
-            "setting": "after layers 0/1/2, lambda=0.31 (keep 1/3 as 192 of 576: 144->103->75->54 visual), recycle 30%",
+            "setting": "after layers 1/2/6, lambda=0.31 (keep 1/3 as 192 of 576: 144->103->75->54 visual), recycle 30%",
         },
     )
 )
