@@ -1,7 +1,7 @@
 """The ``mllm-ref`` command line.
 
     mllm-ref tour [--json] [--only FAMILY]       every model-level technique on the tiny VLM, accuracy vs cost
-    mllm-ref eval [--json]                       held-out accuracy of the bundled model
+    mllm-ref eval [--json] [--variant NAME]      held-out accuracy of the bundled model (or a connector variant)
     mllm-ref list [--json]                       the coverage table of the registry
     mllm-ref check ID --impl numba|torch|module:function [--json]
     mllm-ref vectors ID --out DIR                golden test vectors
@@ -173,13 +173,21 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=100, help="held-out questions per type (6 types)")
     p.add_argument("--captions", type=int, default=100, help="held-out images to caption")
     p.add_argument("--weights", default=None, help="folder with tinyvlm.npz and manifest.json (default: shipped)")
+    p.add_argument("--variant", default=None, help="a shipped connector variant (e.g. qformer16) on the shipped model")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from mllm_ref.tinyvlm.evaluate import evaluate
     from mllm_ref.tinyvlm.model import load
+    from mllm_ref.tinyvlm.variants import available, load_variant
 
     model = load(args.weights)
+    if args.variant is not None:
+        if args.variant not in available():
+            print(f"error: no connector variant {args.variant!r}; shipped: {', '.join(available()) or 'none'}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        model = load_variant(args.variant, model)
     result = evaluate(model, args.n, n_captions=args.captions, progress=None if args.json else _progress_bar("eval"))
     if args.json:
         print(json.dumps(result.to_json(), indent=2))

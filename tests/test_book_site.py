@@ -71,7 +71,7 @@ def site(tmp_path_factory):
     # -W: a Sphinx warning (a broken link, a missing page, a cell that failed) fails the build
     proc = subprocess.run(
         [str(jupyter_book), "build", str(book), "-W", "--keep-going"],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, f"jupyter-book build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     html = book / "_build" / "html"

@@ -147,3 +147,43 @@ def test_tampering_and_impossible_requests_are_refused(tmp_path, techniques):
         read_vectors(tmp_path / "elsewhere")
     with pytest.raises(OracleError, match="invariant checker"):
         write_vectors("tokens.test_invariant", tmp_path / "x")
+
+
+def weighted_layer(x, weights):
+    """``tanh(x @ weights["w"] + weights["b"])``: a reference whose parameters come as a dict of named arrays, as a
+    connector loading a checkpoint's state dict does."""
+    return np.tanh(x @ weights["w"] + weights["b"])
+
+
+def _weights_case(size, rng):
+    d = {"a": 3, "b": 8}[size]
+    return {
+        "x": rng.standard_normal((4, d)).astype(np.float32),
+        "weights": {"w": (rng.standard_normal((d, 5)) / np.sqrt(d)).astype(np.float32),
+                    "b": rng.standard_normal(5).astype(np.float32), "steps": np.arange(3)},
+    }
+
+
+def test_a_dict_of_weights_is_cast_perturbed_written_and_read_back(tmp_path, scratch_registry):
+    from mllm_ref.oracle.check import check, float_arg_names, perturb, upcast
+
+    scratch_registry(Technique(id="nn.test_weighted_layer", reference=weighted_layer, make_case=_weights_case,
+                               paper="test", test_sizes=("a", "b")))
+    t = registry.get("nn.test_weighted_layer")
+    kw = t.cases("test")[0][1]
+    assert float_arg_names(t, kw) == ["x", "weights"]
+    gold_in, nudged = upcast(t, kw), perturb(t, kw)
+    assert gold_in["weights"]["w"].dtype == np.float64 and gold_in["weights"]["steps"].dtype == kw["weights"]["steps"].dtype
+    moved = nudged["weights"]["w"] / kw["weights"]["w"].astype(np.float64) - 1
+    assert np.allclose(np.abs(moved), np.finfo(np.float32).eps) and np.array_equal(nudged["weights"]["steps"], np.arange(3))
+    assert check("nn.test_weighted_layer", weighted_layer).passed
+    wrong = lambda x, weights: np.tanh(x @ weights["w"])  # noqa: E731  (forgets the bias)
+    assert not check("nn.test_weighted_layer", wrong).passed
+
+    write_vectors("nn.test_weighted_layer", tmp_path)
+    manifest, cases = read_vectors(tmp_path)
+    assert manifest["cases"][0]["args"]["weights"]["arrays"]["w"] == {"shape": [3, 5], "dtype": "float32"}
+    assert set(cases[0].kwargs["weights"]) == {"w", "b", "steps"}
+    np.testing.assert_array_equal(cases[1].kwargs["weights"]["w"], t.cases("test")[1][1]["weights"]["w"])
+    assert check_against_vectors(tmp_path, weighted_layer).passed
+    assert not check_against_vectors(tmp_path, wrong).passed

@@ -75,18 +75,43 @@ def resolve_impl(impl, technique: registry.Technique | None = None) -> Callable[
     return fn
 
 
+def _is_float_array(v) -> bool:
+    return isinstance(v, np.ndarray) and v.dtype.kind == "f"
+
+
+def _is_float_arg(v) -> bool:
+    """A float array, or a dict of named arrays with at least one float array (a set of weights by name)."""
+    if isinstance(v, dict):
+        return any(_is_float_array(x) for x in v.values())
+    return _is_float_array(v)
+
+
+def _map_float(v, fn):
+    """``fn`` applied to a float argument: the array itself, or each float array of a dict of weights."""
+    if isinstance(v, dict):
+        return {k: fn(x) if _is_float_array(x) else x for k, x in v.items()}
+    return fn(np.asarray(v))
+
+
+def _float_dtypes(v) -> set:
+    """The dtypes of a float argument's float arrays."""
+    arrays = v.values() if isinstance(v, dict) else [np.asarray(v)]
+    return {x.dtype for x in arrays if _is_float_array(x)}
+
+
 def float_arg_names(technique: registry.Technique, kwargs: dict) -> list[str]:
-    """The arguments that follow the precision under test: ``technique.float_args``, or every float array."""
+    """The arguments that follow the precision under test: ``technique.float_args``, or every float array (and
+    every dict of weights holding float arrays)."""
     if technique.float_args is not None:
         return [name for name in technique.float_args if kwargs.get(name) is not None]
-    return [k for k, v in kwargs.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+    return [k for k, v in kwargs.items() if _is_float_arg(v)]
 
 
 def cast_float_args(technique: registry.Technique, kwargs: dict, dtype) -> dict:
     """A deep copy of ``kwargs`` with the float arguments cast to ``dtype``."""
     out = copy.deepcopy(kwargs)
     for name in float_arg_names(technique, kwargs):
-        out[name] = np.asarray(out[name], dtype=dtype)
+        out[name] = _map_float(out[name], lambda x: np.asarray(x, dtype=dtype))
     return out
 
 
@@ -101,13 +126,17 @@ PERTURBATION_SEED = 0
 
 def perturb(technique: registry.Technique, kwargs: dict) -> dict:
     """The perturbed run's inputs: the float arguments in float64, every element multiplied by ``1 + eps`` or
-    ``1 - eps`` (``eps`` of its own precision, the sign drawn from :data:`PERTURBATION_SEED`)."""
+    ``1 - eps`` (``eps`` of its own precision, the sign drawn from :data:`PERTURBATION_SEED`); a dict of weights
+    is perturbed array by array, in its key order."""
     out = copy.deepcopy(kwargs)
     rng = np.random.default_rng(PERTURBATION_SEED)
-    for name in float_arg_names(technique, kwargs):
-        x = np.asarray(kwargs[name])
+
+    def nudge(x: np.ndarray) -> np.ndarray:
         signs = rng.choice([-1.0, 1.0], size=x.shape)
-        out[name] = x.astype(np.float64) * (1.0 + float(np.finfo(x.dtype).eps) * signs)
+        return x.astype(np.float64) * (1.0 + float(np.finfo(x.dtype).eps) * signs)
+
+    for name in float_arg_names(technique, kwargs):
+        out[name] = _map_float(kwargs[name], nudge)
     return out
 
 
@@ -140,7 +169,7 @@ def reference_runs(technique: registry.Technique, kwargs: dict) -> ReferenceRuns
     perturbed = _run_or_none(technique, perturb(technique, kwargs))
     names = float_arg_names(technique, kwargs)
     float32_run = None
-    if names and all(np.asarray(kwargs[n]).dtype == np.float64 for n in names):
+    if names and all(_float_dtypes(kwargs[n]) == {np.dtype(np.float64)} for n in names):
         float32_run = _run_or_none(technique, cast_float_args(technique, kwargs, np.float32))
     return ReferenceRuns(baseline, gold, perturbed, float32_run)
 

@@ -5,7 +5,10 @@ A task of ``exercises/<NN>-<name>/exercise.json`` names a ``technique_id``. A re
 under ``grading.`` names a task-only technique defined here, built from the references (no second copy of a
 solution): ``grading.kv_decode_step`` and ``grading.kv_decode`` check step-by-step cached decoding against full
 causal attention (:mod:`mllm_ref.nn.attention`, :mod:`mllm_ref.nn.kvcache`); ``grading.fastv_scores`` checks
-FastV's scoring step alone (:mod:`mllm_ref.tokens.fastv`).
+FastV's scoring step alone (:mod:`mllm_ref.tokens.fastv`); ``grading.qformer_mha`` checks the multi-head attention
+of the Q-Former's queries over the image tokens (heads split, scaled dot-product attention under an image mask,
+heads merged) and ``grading.qformer_cross_attention`` one whole cross-attention block of a Q-Former layer, both
+composed from the pieces that :mod:`mllm_ref.connectors.qformer` itself uses.
 
 :func:`grade_callable` is used both by the sandboxed worker (:mod:`mllm_ref.oracle.grade_worker`, on a student's
 submission) and by the self-check of the test suite (on the references themselves).
@@ -104,6 +107,132 @@ def _fastv_scores_case(size: str, rng: np.random.Generator) -> dict:
     return {k: kw[k] for k in ("attn", "visual_start", "n_visual", "scoring")}
 
 
+# ---------------------------------------------------------------- BLIP-2 Q-Former cross-attention
+
+
+def _qformer_heads_attention(q, k, v, num_heads, key_mask):
+    """``[Q, H], [N, H], [N, H] -> [Q, H]``: exactly the cross-attention step of
+    :func:`mllm_ref.connectors.qformer.forward` (its head split and merge around :func:`mllm_ref.nn.attention`)."""
+    from mllm_ref import _checks
+    from mllm_ref.connectors.qformer import _heads, _merge_heads
+    from mllm_ref.nn.attention import attention
+
+    num_heads = _checks.integer(num_heads, "num_heads", low=1)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if np.ndim(x) != 2 or np.shape(x)[1] % num_heads:
+            raise ValueError(f"{name} must be [T, H] with num_heads = {num_heads} dividing H, got {np.shape(x)}")
+    if key_mask is not None:
+        key_mask = _checks.bool_array(key_mask, "key_mask", shape=(np.shape(k)[0],))
+        if not key_mask.any():
+            raise ValueError("key_mask must allow at least one key (all False)")
+        key_mask = key_mask[None]
+    return _merge_heads(attention(_heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads), key_mask=key_mask))
+
+
+def qformer_mha_reference(q, k, v, num_heads, key_mask=None):
+    """Multi-head attention of ``q [Q, H]`` over ``k, v [N, H]``: split ``H`` into ``num_heads`` heads of
+    ``d = H / num_heads``, ``softmax(q_h k_h^T / sqrt(d))`` over the keys allowed by ``key_mask`` (bool ``[N]``,
+    True = may be attended, None = all), times ``v_h``, heads concatenated in order: ``[Q, H]``."""
+    return _qformer_heads_attention(q, k, v, num_heads, key_mask)
+
+
+#: The parameters of one cross-attention block, named relative to ``encoder.layer.<i>.crossattention.``.
+QFORMER_CROSS_NAMES = tuple(
+    f"{m}.{p}" for m in ("attention.query", "attention.key", "attention.value", "output.dense", "output.LayerNorm")
+    for p in ("weight", "bias")
+)
+
+
+def qformer_cross_attention_reference(query_states, image_embeds, weights, num_heads, eps=1e-12, image_mask=None):
+    """One Q-Former cross-attention block, as :func:`mllm_ref.connectors.qformer.forward` runs it on a
+    cross-attention layer: ``LN(q + dense(MHA(q Wq + bq, img Wk + bk, img Wv + bv)))`` with ``q = query_states
+    [Q, H]``, ``img = image_embeds [N, E]``, ``weights`` the block's Hugging Face parameters
+    (:data:`QFORMER_CROSS_NAMES`, Linear ``[out, in]``). Returns ``[Q, H]``."""
+    from mllm_ref.nn.layernorm import layernorm
+    from mllm_ref.nn.linear import linear
+
+    if not isinstance(weights, dict):
+        raise TypeError(f"weights must be a dict of parameter names -> arrays, got {type(weights).__name__}")
+    missing = [n for n in QFORMER_CROSS_NAMES if n not in weights]
+    if missing:
+        raise ValueError(f"weights is missing the key(s) {missing}")
+    w = weights
+
+    def lin(x, name):
+        return linear(x, w[name + ".weight"], w[name + ".bias"])
+
+    ctx = _qformer_heads_attention(
+        lin(query_states, "attention.query"), lin(image_embeds, "attention.key"), lin(image_embeds, "attention.value"),
+        num_heads, image_mask,
+    )  # fmt: skip
+    residual = lin(ctx, "output.dense") + query_states
+    return layernorm(residual, w["output.LayerNorm.weight"], w["output.LayerNorm.bias"], eps)
+
+
+def _masked(n: int, masked: int, rng: np.random.Generator) -> np.ndarray | None:
+    if not masked:
+        return None
+    mask = np.ones(n, dtype=bool)
+    mask[rng.choice(n, size=min(masked, n - 1), replace=False)] = False
+    return mask
+
+
+# size -> (Q queries, N keys, H width, heads, masked keys, dtype)
+_QF_MHA_SIZES = {
+    "one_head": (3, 5, 4, 1, 0, np.float32),
+    "heads": (4, 7, 12, 3, 0, np.float32),
+    "key_mask": (5, 9, 16, 4, 3, np.float32),
+    "more_queries": (8, 3, 8, 2, 1, np.float32),
+    "blip2_like": (32, 40, 64, 8, 6, np.float32),
+    "float64": (6, 11, 10, 2, 2, np.float64),
+}
+
+
+def _qformer_mha_case(size: str, rng: np.random.Generator) -> dict:
+    q, n, h, heads, masked, dtype = _QF_MHA_SIZES[size]
+    return {
+        "q": rng.standard_normal((q, h)).astype(dtype),
+        "k": rng.standard_normal((n, h)).astype(dtype),
+        "v": rng.standard_normal((n, h)).astype(dtype),
+        "num_heads": heads,
+        "key_mask": _masked(n, masked, rng),
+    }
+
+
+# size -> (Q queries, H width, heads, E image width, N image tokens, masked image tokens, dtype)
+_QF_CROSS_SIZES = {
+    "one_head": (4, 8, 1, 6, 5, 0, np.float32),
+    "heads": (6, 16, 4, 12, 9, 0, np.float32),
+    "image_mask": (5, 12, 3, 10, 8, 3, np.float32),
+    "more_queries": (9, 8, 2, 5, 3, 1, np.float32),
+    "blip2_like": (32, 64, 8, 48, 40, 5, np.float32),
+    "float64": (3, 6, 2, 7, 4, 1, np.float64),
+}
+
+
+def _qformer_cross_case(size: str, rng: np.random.Generator) -> dict:
+    """The block's weights are those of layer 0 of a random Q-Former (:func:`~mllm_ref.connectors.qformer.
+    random_weights`: LayerNorm gains and shifts away from (1, 0), so that every parameter matters)."""
+    from mllm_ref.connectors.qformer import random_weights, strip_prefix
+
+    q, h, heads, e, n, masked, dtype = _QF_CROSS_SIZES[size]
+    full = random_weights(rng, hidden=h, intermediate=2 * h, encoder_hidden=e, n_layers=1, dtype=dtype)
+    weights = strip_prefix(full, "encoder.layer.0.crossattention.")
+    return {
+        "query_states": rng.standard_normal((q, h)).astype(dtype),
+        "image_embeds": rng.standard_normal((n, e)).astype(dtype),
+        "weights": {name: weights[name] for name in QFORMER_CROSS_NAMES},
+        "num_heads": heads,
+        "eps": 1e-12,
+        "image_mask": _masked(n, masked, rng),
+    }
+
+
+_BLIP2_PAPER = (
+    "J. Li, D. Li, S. Savarese, S. Hoi, BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image "
+    "Encoders and Large Language Models, ICML 2023 (arXiv:2301.12597)"
+)
+
 _KV_PAPER = "Ashish Vaswani et al., Attention Is All You Need, NeurIPS 2017 (arXiv:1706.03762)"
 
 #: Task-only techniques (not in the registry: they are exercises, not techniques of the library).
@@ -130,6 +259,22 @@ GRADING_TECHNIQUES: dict[str, registry.Technique] = {
         make_case=_fastv_scores_case,
         paper="L. Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024 (arXiv 2403.06764)",
         test_sizes=("tiny", "small", "small-mean", "tinyvlm"),
+        compare="tolerance",
+    ),
+    "grading.qformer_mha": registry.Technique(
+        id="grading.qformer_mha",
+        reference=qformer_mha_reference,
+        make_case=_qformer_mha_case,
+        paper=_BLIP2_PAPER,
+        test_sizes=tuple(_QF_MHA_SIZES),
+        compare="tolerance",
+    ),
+    "grading.qformer_cross_attention": registry.Technique(
+        id="grading.qformer_cross_attention",
+        reference=qformer_cross_attention_reference,
+        make_case=_qformer_cross_case,
+        paper=_BLIP2_PAPER,
+        test_sizes=tuple(_QF_CROSS_SIZES),
         compare="tolerance",
     ),
 }

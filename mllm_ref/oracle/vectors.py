@@ -69,6 +69,8 @@ def _describe_arg(name: str, value) -> dict:
         return {"value": value.item()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return {"value": value}
+    if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in value.items()):
+        return {"arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in value.items()}}
     raise OracleError(f"argument {name} of type {type(value).__name__} cannot be written as a golden vector")
 
 
@@ -99,6 +101,9 @@ def write_vectors(technique_id: str, out_dir, seed: int = 0) -> Path:
     for size, kwargs in technique.cases("test", seed):
         args = {name: _describe_arg(name, value) for name, value in kwargs.items()}
         arrays = {f"in.{name}": value for name, value in kwargs.items() if isinstance(value, np.ndarray)}
+        for name, value in kwargs.items():  # a dict of named weights: one npz entry per array
+            if isinstance(value, dict):
+                arrays.update({f"in.{name}/{key}": array for key, array in value.items()})
         runs = reference_runs(technique, kwargs)
         kept = {"gold": "gold", **(TOLERANCE_RUNS if technique.compare == "tolerance" else {})}
         for field, prefix in kept.items():
@@ -141,7 +146,7 @@ def read_vectors(in_dir) -> tuple[dict, list[VectorCase]]:
             raise OracleError(f"{file} does not match its sha256 in the manifest")
         with np.load(file, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}
-        kwargs = {name: data[f"in.{name}"] if "shape" in spec else spec["value"] for name, spec in case["args"].items()}
+        kwargs = {name: _read_arg(data, name, spec) for name, spec in case["args"].items()}
         leaves = [o["name"] for o in case["outputs"]]
         gold = {leaf: data[f"gold.{leaf}"] for leaf in leaves}
         runs = {
@@ -151,6 +156,14 @@ def read_vectors(in_dir) -> tuple[dict, list[VectorCase]]:
         }
         cases.append(VectorCase(case["size"], kwargs, gold, **runs))
     return manifest, cases
+
+
+def _read_arg(data: dict, name: str, spec: dict):
+    if "shape" in spec:
+        return data[f"in.{name}"]
+    if "arrays" in spec:
+        return {key: data[f"in.{name}/{key}"] for key in spec["arrays"]}
+    return spec["value"]
 
 
 def _judge(case: VectorCase, got, label: str) -> Verdict:

@@ -68,6 +68,9 @@ class TinyVLM:
     config: TinyVLMConfig
     params: dict[str, np.ndarray]
     manifest: dict = field(default_factory=dict)
+    #: ``None``: the MLP connector (``proj1``, ``proj2``); else a connector variant's ``{"name", "kind", "args"}``,
+    #: its parameters under ``conn.`` (see :mod:`mllm_ref.tinyvlm.variants`).
+    connector: dict | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.params[name]
@@ -283,6 +286,11 @@ def encode_tokens(
     _check_tokens(tokens, "after_encoder", (cfg.grid, cfg.grid))
     if tokens.x.shape[1] != cfg.vis_dim:
         raise ValueError(f"TokenPolicy.after_encoder must return {cfg.vis_dim}-wide features, got {tokens.x.shape}")
+    if model.connector is not None:
+        from mllm_ref.tinyvlm.variants import connect
+
+        out, size, source = connect(model, tokens.x)
+        return VisualTokens(out, size, source, tokens.grid, None), view, counts
     out = _lin(plugs, model, gelu(_lin(plugs, model, tokens.x, "proj1")), "proj2")
     return replace(tokens, x=out), view, counts
 

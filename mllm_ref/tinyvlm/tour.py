@@ -2,8 +2,12 @@
 
 A model-level technique is registered with ``model_level=True`` and, in ``extra``, ``"plugs"``: a callable
 ``plugs(model) -> Plugs`` giving its default setting on the tiny VLM, and ``"setting"``: a short description of
-that setting (e.g. ``"K=2, R=50%"``). Each row of the tour evaluates the held-out set with those plugs and reports
-accuracy and cost, each cost also as a ratio to the baseline row (id ``"baseline"``):
+that setting (e.g. ``"K=2, R=50%"``). A connector is a different model rather than a plug: it gives instead
+``"variants"``: a callable ``variants(model) -> [(setting, variant model)]`` (the trained connector variants of
+:mod:`mllm_ref.tinyvlm.variants`), one row each. Each row evaluates the held-out set and reports accuracy and cost,
+each cost also as a ratio to the baseline row (id ``"baseline"``):
+
+- ``visual_tokens``: visual tokens entering the decoder (mean);
 
 - ``prefill_flops``: FLOPs of the encoder, the connector and the decoder prefill, from the tokens each layer
   actually processed (:mod:`mllm_ref.system.complexity`), averaged over the held-out questions;
@@ -44,7 +48,12 @@ def figures(model: TinyVLM, result: EvalResult, wall: float) -> dict:
     llm, prefill = [], []
     for tr in result.traces:
         enc = encoder_cost(spec, layer_tokens=tr.encoder_tokens, mlp_tokens=tr.encoder_mlp_tokens).flops
-        conn = connector_cost(spec, tokens=tr.connector_tokens).flops
+        if model.connector is None:
+            conn = connector_cost(spec, tokens=tr.connector_tokens).flops
+        else:
+            from mllm_ref.tinyvlm.variants import connector_flops
+
+            conn = connector_flops(model)
         dec = prefill_cost(spec, tr.n_visual, tr.n_prompt, layer_tokens=tr.layer_tokens).flops
         llm.append(dec)
         prefill.append(enc + conn + dec)
@@ -54,6 +63,7 @@ def figures(model: TinyVLM, result: EvalResult, wall: float) -> dict:
     return {
         "accuracy": result.accuracy,
         "by_type": result.by_type,
+        "visual_tokens": float(np.mean([tr.n_visual for tr in result.traces])),
         "caption_exact_match": result.caption_exact_match,
         "prefill_flops": float(np.mean(prefill)),
         "llm_prefill_flops": float(np.mean(llm)),
@@ -73,15 +83,19 @@ def run_tour(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[dict]:
     """Rows of the tour: the baseline first, then each model-level technique (see the module docstring)."""
-    entries: list[tuple[str, str, Plugs]] = [("baseline", "plain model", NONE)]
+    entries: list[tuple[str, str, Plugs, TinyVLM]] = [("baseline", "plain model", NONE, model)]
     for tech in model_level_techniques(only):
-        entries.append((tech.id, tech.extra.get("setting", "default"), tech.extra["plugs"](model)))
+        if "variants" in tech.extra:  # a connector: each trained variant is a model of its own
+            for setting, variant in tech.extra["variants"](model):
+                entries.append((tech.id, setting, NONE, variant))
+        else:
+            entries.append((tech.id, tech.extra.get("setting", "default"), tech.extra["plugs"](model), model))
     rows, base, base_preds = [], None, None
-    for tid, setting, plugs in entries:
+    for tid, setting, plugs, row_model in entries:
         cb = (lambda done, total, _id=tid: progress(_id, done, total)) if progress else None
         t0 = time.perf_counter()
-        result = evaluate(model, n_per_type, n_captions=n_captions, plugs=plugs, progress=cb)
-        fig = figures(model, result, time.perf_counter() - t0)
+        result = evaluate(row_model, n_per_type, n_captions=n_captions, plugs=plugs, progress=cb)
+        fig = figures(row_model, result, time.perf_counter() - t0)
         preds = result.predictions
         if base is None:
             base, base_preds = fig, preds
@@ -98,14 +112,15 @@ def run_tour(
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of the tour rows."""
-    head = ["technique", "setting", "accuracy", "Δacc", "prefill GFLOP", "×", "LLM ×", "KV KiB", "×", "decode tok/s", "×", "wall s", "×", "layers", "same"]
+    head = ["technique", "setting", "accuracy", "Δacc", "vis tok", "prefill GFLOP", "×", "LLM ×", "KV KiB", "×",
+            "decode tok/s", "×", "wall s", "×", "layers", "same"]  # fmt: skip
     lines = [head]
     for r in rows:
         def ratio(k):
             v = r[f"{k}_ratio"]
             return "-" if v is None else f"{v:.2f}"
         lines.append([
-            r["id"], r["setting"], f"{r['accuracy']:.3f}", f"{r['accuracy_delta']:+.3f}",
+            r["id"], r["setting"], f"{r['accuracy']:.3f}", f"{r['accuracy_delta']:+.3f}", f"{r['visual_tokens']:.0f}",
             f"{r['prefill_flops'] / 1e9:.3f}", ratio("prefill_flops"), ratio("llm_prefill_flops"),
             f"{r['kv_bytes'] / 1024:.1f}", ratio("kv_bytes"),
             "-" if r["decode_tps"] is None else f"{r['decode_tps']:.0f}", ratio("decode_tps"),

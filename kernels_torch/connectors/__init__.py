@@ -1,0 +1,1 @@
+"""Torch fast paths of :mod:`mllm_ref.connectors` (same module paths and signatures)."""
