@@ -337,7 +337,7 @@ register(
         bench_sizes=("bench_flamingo",),
         compare="tolerance",
         cost=_cost,
-        chapter=None,
+        chapter="book/03-connectors.md",
         notes=(
             "open_flamingo GatedCrossAttentionBlock names and media_locations rule; no batch, no cached media; "
             "all-previous mode keeps the code's uniform attention for text before the first image"

@@ -201,8 +201,18 @@ def _validate(image_features, text_embeds, weights, compressor_heads, heads, kv_
     return v, e, w, g, c, depth, compressor_heads, heads, kv_heads, rms_eps, rope_theta
 
 
-def _compress(v, w, g, c, heads):
+def _gelu_exact(x: np.ndarray) -> np.ndarray:
+    return gelu(x, approximate="none")
+
+
+#: The NumPy reference ops; the fast paths run the same pipeline with their backend's kernels.
+REFERENCE_OPS = {"attention": attention, "layernorm": layernorm, "rmsnorm": rmsnorm, "rope": rope,
+                 "gelu": _gelu_exact}  # fmt: skip
+
+
+def _compress(v, w, g, c, heads, ops=REFERENCE_OPS):
     """The Resampler on checked inputs: ``[C, Dv]`` (before the projector)."""
+    layernorm, attention = ops["layernorm"], ops["attention"]
     dv = v.shape[1]
     dt = v.dtype
     pos_q = sincos_2d(dv, c, c)  # [C, Dv] float64
@@ -219,13 +229,14 @@ def _compress(v, w, g, c, heads):
     return o @ w["compressor.attn.out_proj.weight"].T + w["compressor.attn.out_proj.bias"]
 
 
-def _project(x, w):
-    h = gelu(x @ w["mm_projector.0.weight"].T + w["mm_projector.0.bias"], approximate="none")
+def _project(x, w, ops=REFERENCE_OPS):
+    h = ops["gelu"](x @ w["mm_projector.0.weight"].T + w["mm_projector.0.bias"])
     return h @ w["mm_projector.2.weight"].T + w["mm_projector.2.bias"]
 
 
-def _decoder_layer(s, w, p, heads, kv_heads, eps, theta):
+def _decoder_layer(s, w, p, heads, kv_heads, eps, theta, ops=REFERENCE_OPS):
     """LLaMA's decoder layer (pre-RMSNorm, RoPE causal attention, SwiGLU) on ``s[L, D]``."""
+    rmsnorm, rope, attention = ops["rmsnorm"], ops["rope"], ops["attention"]
     positions = np.arange(s.shape[0], dtype=np.int64)
     h = rmsnorm(s, w[p + "input_layernorm.weight"], eps)
     q = split_heads(h @ w[p + "self_attn.q_proj.weight"].T, heads)
@@ -264,14 +275,19 @@ def llava_mini(
         ``(compressed[C, D], fused_text[T, D])`` in the input dtype: what the LLM reads instead of the N visual
         tokens and the raw text.
     """
-    v, e, w, g, c, depth, ch, heads, kv_heads, eps, theta = _validate(
-        image_features, text_embeds, weights, compressor_heads, heads, kv_heads, rms_eps, rope_theta
-    )
-    comp = _project(_compress(v, w, g, c, ch), w)  # [C, D]
-    glob = _project(v, w)  # [N, D]
+    checked = _validate(image_features, text_embeds, weights, compressor_heads, heads, kv_heads, rms_eps, rope_theta)
+    return run(checked, REFERENCE_OPS)
+
+
+def run(checked: tuple, ops: dict) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`llava_mini` on the output of its validation, with ``ops`` (attention, layernorm, rmsnorm, rope, gelu
+    with the signatures of :mod:`mllm_ref.nn`; the fast paths pass their backend's kernels)."""
+    v, e, w, g, c, depth, ch, heads, kv_heads, eps, theta = checked
+    comp = _project(_compress(v, w, g, c, ch, ops), w, ops)  # [C, D]
+    glob = _project(v, w, ops)  # [N, D]
     s = np.concatenate([glob, comp, e], axis=0)
     for i in range(depth):
-        s = _decoder_layer(s, w, f"prefusion_layers.{i}.", heads, kv_heads, eps, theta)
+        s = _decoder_layer(s, w, f"prefusion_layers.{i}.", heads, kv_heads, eps, theta, ops)
     n, cc = glob.shape[0], comp.shape[0]
     return s[n : n + cc].copy(), s[n + cc :].copy()
 
@@ -385,7 +401,7 @@ register(
         bench_sizes=("bench_llava",),
         compare="tolerance",
         cost=_cost,
-        chapter=None,
+        chapter="book/03-connectors.md",
         notes=(
             "official names; standard-resolution image, no batch/padding; pre-fusion = LLaMA layers from mllm_ref.nn; "
             "compressed tokens also pass the pre-fusion, as in the code"

@@ -497,7 +497,7 @@ register(
         float_args=("x",),
         strategy=_strategy,
         cost=_cost,
-        chapter=None,
+        chapter="book/03-connectors.md",
         notes=(
             "ids compared exactly, rotation by tolerance; text after a video at max+1 (paper, HF 4.5x; HF 5.23 "
             "advances max(H,W)/m); Qwen2.5-VL absolute-time video ids not implemented; ViT 2-D RoPE in "

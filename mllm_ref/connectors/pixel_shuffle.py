@@ -156,7 +156,7 @@ register(
         compare="tolerance",
         strategy=_strategy,
         cost=_cost,
-        chapter=None,
+        chapter="book/03-connectors.md",
         notes=(
             "reuses tokens.pixel_unshuffle (Idefics3's channel order); weight 'modality_projection.proj.weight', "
             "no bias"
