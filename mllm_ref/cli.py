@@ -1,7 +1,9 @@
 """The ``mllm-ref`` command line.
 
     mllm-ref tour [--json] [--only FAMILY]       every model-level technique on the tiny VLM, accuracy vs cost
-    mllm-ref eval [--json] [--variant NAME]      held-out accuracy of the bundled model (or a connector variant)
+    mllm-ref eval [--json] [--variant NAME] [--technique ID] [--question-after-image]
+                                                 held-out accuracy of the bundled model (or a connector variant,
+                                                 or a model-level technique's default setting)
     mllm-ref list [--json]                       the coverage table of the registry
     mllm-ref check ID --impl numba|torch|module:function [--json]
     mllm-ref vectors ID --out DIR                golden test vectors
@@ -174,11 +176,17 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--captions", type=int, default=100, help="held-out images to caption")
     p.add_argument("--weights", default=None, help="folder with tinyvlm.npz and manifest.json (default: shipped)")
     p.add_argument("--variant", default=None, help="a shipped connector variant (e.g. qformer16) on the shipped model")
+    p.add_argument("--technique", default=None,
+                   help="a model-level technique id (e.g. kvcache.kivi): evaluate with its default setting")
+    p.add_argument("--question-after-image", action="store_true",
+                   help="prefill the image and <bos> only, then read the question through the cache "
+                        "(on by default for the KV-cache techniques)")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from mllm_ref.tinyvlm.evaluate import evaluate
     from mllm_ref.tinyvlm.model import load
+    from mllm_ref.tinyvlm.plugs import NONE
     from mllm_ref.tinyvlm.variants import available, load_variant
 
     model = load(args.weights)
@@ -188,7 +196,18 @@ def _run_eval(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
         model = load_variant(args.variant, model)
-    result = evaluate(model, args.n, n_captions=args.captions, progress=None if args.json else _progress_bar("eval"))
+    plugs, after = NONE, bool(args.question_after_image)
+    if args.technique is not None:
+        from mllm_ref.oracle import registry
+
+        tech = registry.get(args.technique)
+        if not tech.model_level or "plugs" not in tech.extra:
+            print(f"error: {args.technique} does not plug into the tiny VLM", file=sys.stderr)
+            return 2
+        plugs = tech.extra["plugs"](model)
+        after = after or bool(tech.extra.get("question_after_image", False))
+    result = evaluate(model, args.n, n_captions=args.captions, plugs=plugs, question_after_image=after,
+                      progress=None if args.json else _progress_bar("eval"))  # fmt: skip
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0

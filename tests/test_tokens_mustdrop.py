@@ -194,18 +194,18 @@ def test_output_aware_cache_evicts_and_tracks_the_visual_count():
     policy = OutputAwareKV(0.05)
     k, v = rng.standard_normal((2, 2, 7, 4)).astype(np.float32)
     info = PromptInfo(5, (12, 12), np.arange(5), np.array([3, 4]))
-    cache = policy.store(0, k, v, None, info)
+    cache = policy.store(0, k, v, None, info, positions=np.array([0, 0, 0, 0, 0, 1, 2]), n_visual=5)
     assert cache.n_visual == 5 and policy.nbytes(cache) == k.nbytes + v.nbytes
     attn = np.full((4, 1, 8), 0.01, dtype=np.float32)
     attn[:, 0, [1, 3]] = 0.3  # the new token attends to visual tokens 1 and 3 only
     k1, v1 = rng.standard_normal((2, 2, 1, 4)).astype(np.float32)
-    new = policy.extend(0, cache, k1, v1, attn)
+    new = policy.extend(0, cache, k1, v1, attn, position=3)
     rk, rv = policy.read(0, new)
     assert new.n_visual == 2 and rk.shape == (2, 2 + 2 + 1, 4)
     np.testing.assert_array_equal(rk[:, :2], k[:, [1, 3]])
     np.testing.assert_array_equal(rv[:, 2:4], v[:, 5:7])
     np.testing.assert_array_equal(rk[:, -1:], k1)
-    assert policy.extend(0, cache, k1, v1, None).k.shape[1] == 8  # no attention (an exited layer): no eviction
+    assert policy.extend(0, cache, k1, v1, None, position=3).k.shape[1] == 8  # no attention (an exited layer): no eviction
 
 
 # ------------------------------------------------------------------------------------------------- the tiny VLM

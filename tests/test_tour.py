@@ -9,7 +9,7 @@ import pytest
 
 from mllm_ref.cli import main
 from mllm_ref.oracle import registry
-from mllm_ref.tinyvlm.plugs import Plugs, TokenPolicy
+from mllm_ref.tinyvlm.plugs import KVPolicy, Plugs, TokenPolicy
 from mllm_ref.tinyvlm.tour import format_table, run_tour
 
 TOUR_KEYS = {
@@ -76,3 +76,37 @@ def test_tour_command_writes_json_and_plot(tmp_path, capsys):
 def test_tour_rejects_an_unknown_family(capsys):
     assert main(["tour", "--only", "nonsense"]) == 2
     assert "unknown family" in capsys.readouterr().err
+
+
+class _LastTokens(KVPolicy):
+    """A crude KV policy for testing the tour: after the prefill, keep only the last ``n`` cached tokens."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def store(self, layer, k, v, attn, info, *, positions, n_visual):
+        return super().store(layer, k[:, -self.n :], v[:, -self.n :], attn, info, positions=positions,
+                             n_visual=n_visual)  # fmt: skip
+
+
+def test_kv_rows_read_the_question_through_the_cache_and_have_their_own_baseline(model, monkeypatch):
+    tech = registry.Technique(
+        id="kvcache.last_tokens_for_test",
+        reference=lambda x: x,
+        make_case=lambda size, rng: {"x": rng.standard_normal(3)},
+        paper="none (a test fixture)",
+        model_level=True,
+        extra={"rows": lambda m: [(f"keep {n}", Plugs(kv_policy=_LastTokens(n))) for n in (1, 100)],
+               "question_after_image": True},
+    )
+    registry.load_all()
+    monkeypatch.setattr(registry, "_REGISTRY", {tech.id: tech})
+    rows = run_tour(model, only="kvcache", n_per_type=3, n_captions=1)
+    assert [r["id"] for r in rows] == ["baseline", "baseline-question-after-image", tech.id, tech.id]
+    base, after, keep1, keep100 = rows
+    assert not base["question_after_image"] and after["question_after_image"] and keep1["question_after_image"]
+    assert after["identical_output"] and after["accuracy_delta"] == 0 and after["kv_bytes_ratio"] == 1.0
+    # the image-and-<bos> prefill is 145 tokens: keeping 1 of them loses the image, keeping 100 loses less
+    assert keep1["kv_bytes_ratio"] < keep100["kv_bytes_ratio"] < 1.0
+    assert keep1["accuracy"] < after["accuracy"] and not keep1["identical_output"]
+    assert "keep 1" in format_table(rows)

@@ -39,7 +39,7 @@ import numpy as np
 from mllm_ref import _checks
 from mllm_ref.oracle.registry import Technique, register
 
-__all__ = ["rope", "rope_angles", "rope_cos_sin"]
+__all__ = ["rope", "rope_angles", "rope_cos_sin", "rerotate"]
 
 
 def _validate_positions(positions, head_dim: int) -> np.ndarray:
@@ -132,6 +132,34 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float = 10000.0) -> np.nda
     x, positions, theta = _validate(x, positions, theta)
     half = x.shape[-1] // 2
     cos, sin = rope_cos_sin(positions, x.shape[-1], theta, x.dtype)  # [T, d/2], broadcast over leading axes
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def rerotate(x: np.ndarray, old_positions, new_positions, theta: float = 10000.0) -> np.ndarray:
+    """Move already-rotated head vectors from their old positions to new ones (1-D RoPE).
+
+    Rotations of one pair compose by adding angles, ``R(new) = R(new - old) R(old)``, so a key rotated at ``old``
+    turned by the angle of ``new - old`` is the key rotated at ``new``, up to rounding. This is how a cache
+    re-positions keys without the unrotated keys: StreamingLLM's positions inside the cache, kvpress's key
+    re-rotation after pruning, and the reuse of an image's cache at a new offset.
+
+    Args:
+        x: float array ``[..., T, d]``, d even, rotated at ``old_positions``.
+        old_positions, new_positions: integers ``[T]``, >= 0 (the offset ``new - old`` may be negative).
+        theta: the RoPE base, > 0.
+
+    Returns:
+        ``[..., T, d]`` in ``x``'s dtype. The angles ``(new - old) * freq_i`` are computed in float64.
+    """
+    x, old, theta = _validate(x, old_positions, theta)
+    new = _validate_positions(new_positions, x.shape[-1])
+    if old.ndim != 1 or new.shape != old.shape:
+        raise ValueError(f"new_positions must have the shape of old_positions, [T] = [{x.shape[-2]}], got {new.shape}")
+    half = x.shape[-1] // 2
+    freqs = theta ** (-2.0 * np.arange(half, dtype=np.float64) / x.shape[-1])
+    angles = (new.astype(np.float64) - old.astype(np.float64))[:, None] * freqs
+    cos, sin = np.cos(angles).astype(x.dtype), np.sin(angles).astype(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 

@@ -8,7 +8,9 @@ causal attention (:mod:`mllm_ref.nn.attention`, :mod:`mllm_ref.nn.kvcache`); ``g
 FastV's scoring step alone (:mod:`mllm_ref.tokens.fastv`); ``grading.qformer_mha`` checks the multi-head attention
 of the Q-Former's queries over the image tokens (heads split, scaled dot-product attention under an image mask,
 heads merged) and ``grading.qformer_cross_attention`` one whole cross-attention block of a Q-Former layer, both
-composed from the pieces that :mod:`mllm_ref.connectors.qformer` itself uses.
+composed from the pieces that :mod:`mllm_ref.connectors.qformer` itself uses; ``grading.kivi_quantize_keys``,
+``grading.kivi_quantize_values`` and their ``dequantize`` twins check KIVI's two groupings of the KV cache, built on
+:mod:`mllm_ref.quant.affine` (the quantizer :mod:`mllm_ref.kvcache.kivi` uses).
 
 :func:`grade_callable` is used both by the sandboxed worker (:mod:`mllm_ref.oracle.grade_worker`, on a student's
 submission) and by the self-check of the test suite (on the references themselves).
@@ -228,6 +230,87 @@ def _qformer_cross_case(size: str, rng: np.random.Generator) -> dict:
     }
 
 
+# ---------------------------------------------------------------- KIVI's key and value quantizers
+
+
+def kivi_quantize_keys_reference(k, bits, group_size):
+    """KIVI's keys: per channel, groups of ``group_size`` consecutive tokens, real zero point (the group minimum):
+    ``k[T, d] -> (codes uint8[T, d], scale[T/G, d], minimum[T/G, d])`` (:mod:`mllm_ref.quant.affine`, ``axis=0``)."""
+    from mllm_ref.quant.affine import quantize
+
+    return quantize(k, bits, axis=0, group_size=group_size, zero_point="float")
+
+
+def kivi_quantize_values_reference(v, bits, group_size):
+    """KIVI's values: per token, groups of ``group_size`` consecutive channels, real zero point:
+    ``v[T, d] -> (codes uint8[T, d], scale[T, d/G], minimum[T, d/G])`` (``axis=-1``)."""
+    from mllm_ref.quant.affine import quantize
+
+    return quantize(v, bits, axis=-1, group_size=group_size, zero_point="float")
+
+
+def kivi_dequantize_keys_reference(codes, scale, minimum, group_size):
+    """``k̂ = scale * codes + minimum``, each group's parameters repeated over its ``group_size`` tokens."""
+    from mllm_ref.quant.affine import dequantize
+
+    return dequantize(codes, scale, minimum, axis=0, group_size=group_size)
+
+
+def kivi_dequantize_values_reference(codes, scale, minimum, group_size):
+    """``v̂ = scale * codes + minimum``, each group's parameters repeated over its ``group_size`` channels."""
+    from mllm_ref.quant.affine import dequantize
+
+    return dequantize(codes, scale, minimum, axis=-1, group_size=group_size)
+
+
+# size -> (T tokens, d channels, bits, group size, dtype)
+_KIVI_SIZES = {
+    "one_group": (4, 4, 2, 4, np.float32),
+    "two_bits": (16, 8, 2, 8, np.float32),
+    "three_bits": (12, 12, 3, 4, np.float32),
+    "four_bits": (32, 32, 4, 16, np.float32),
+    "float64": (6, 6, 4, 3, np.float64),
+    "constant_group": (8, 4, 2, 4, np.float32),
+}
+
+
+def _kivi_data(size: str, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
+    t, d, bits, g, dtype = _KIVI_SIZES[size]
+    # channels of very different magnitude and offset, as KIVI observed in keys
+    x = rng.standard_normal((t, d)) * np.exp(rng.uniform(-2, 2, d)) + rng.standard_normal(d) * 3
+    if size == "constant_group":
+        x[:g, 0] = 1.5  # one key group with an empty range (step 1 by convention)
+        x[0, :g] = -2.0  # one value group likewise
+    return x.astype(dtype), bits, g
+
+
+def _kivi_keys_case(size: str, rng: np.random.Generator) -> dict:
+    x, bits, g = _kivi_data(size, rng)
+    return {"k": x, "bits": bits, "group_size": g}
+
+
+def _kivi_values_case(size: str, rng: np.random.Generator) -> dict:
+    x, bits, g = _kivi_data(size, rng)
+    return {"v": x, "bits": bits, "group_size": g}
+
+
+def _kivi_dequant_keys_case(size: str, rng: np.random.Generator) -> dict:
+    x, bits, g = _kivi_data(size, rng)
+    codes, scale, minimum = kivi_quantize_keys_reference(x, bits, g)
+    return {"codes": codes, "scale": scale, "minimum": minimum, "group_size": g}
+
+
+def _kivi_dequant_values_case(size: str, rng: np.random.Generator) -> dict:
+    x, bits, g = _kivi_data(size, rng)
+    codes, scale, minimum = kivi_quantize_values_reference(x, bits, g)
+    return {"codes": codes, "scale": scale, "minimum": minimum, "group_size": g}
+
+
+_KIVI_PAPER = (
+    "Z. Liu, J. Yuan, H. Jin, S. Zhong, Z. Xu, V. Braverman, B. Chen, X. Hu, KIVI: A Tuning-Free Asymmetric 2bit "
+    "Quantization for KV Cache, ICML 2024 (arXiv:2402.02750)"
+)
+
 _BLIP2_PAPER = (
     "J. Li, D. Li, S. Savarese, S. Hoi, BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image "
     "Encoders and Large Language Models, ICML 2023 (arXiv:2301.12597)"
@@ -237,6 +320,38 @@ _KV_PAPER = "Ashish Vaswani et al., Attention Is All You Need, NeurIPS 2017 (arX
 
 #: Task-only techniques (not in the registry: they are exercises, not techniques of the library).
 GRADING_TECHNIQUES: dict[str, registry.Technique] = {
+    "grading.kivi_quantize_keys": registry.Technique(
+        id="grading.kivi_quantize_keys",
+        reference=kivi_quantize_keys_reference,
+        make_case=_kivi_keys_case,
+        paper=_KIVI_PAPER,
+        test_sizes=tuple(_KIVI_SIZES),
+        compare="exact",
+    ),
+    "grading.kivi_quantize_values": registry.Technique(
+        id="grading.kivi_quantize_values",
+        reference=kivi_quantize_values_reference,
+        make_case=_kivi_values_case,
+        paper=_KIVI_PAPER,
+        test_sizes=tuple(_KIVI_SIZES),
+        compare="exact",
+    ),
+    "grading.kivi_dequantize_keys": registry.Technique(
+        id="grading.kivi_dequantize_keys",
+        reference=kivi_dequantize_keys_reference,
+        make_case=_kivi_dequant_keys_case,
+        paper=_KIVI_PAPER,
+        test_sizes=tuple(_KIVI_SIZES),
+        compare="tolerance",
+    ),
+    "grading.kivi_dequantize_values": registry.Technique(
+        id="grading.kivi_dequantize_values",
+        reference=kivi_dequantize_values_reference,
+        make_case=_kivi_dequant_values_case,
+        paper=_KIVI_PAPER,
+        test_sizes=tuple(_KIVI_SIZES),
+        compare="tolerance",
+    ),
     "grading.kv_decode_step": registry.Technique(
         id="grading.kv_decode_step",
         reference=decode_step_reference,

@@ -54,6 +54,7 @@ def evaluate(
     n_captions: int = 50,
     plugs: Plugs = NONE,
     progress: Callable[[int, int], None] | None = None,
+    question_after_image: bool = False,
 ) -> EvalResult:
     """Greedy answers on the held-out set; accuracy is the mean over question types of exact-answer matches.
 
@@ -62,7 +63,14 @@ def evaluate(
         n_captions: held-out images to caption (0 to skip captions).
         plugs: the technique under evaluation.
         progress: called as ``progress(done, total)`` after each example.
+        question_after_image: prefill the image and ``<bos>`` only, then read the question through the cache
+            (``generate(..., prefill_tokens=1)``). The answers are one word, so with the whole prompt prefilled the
+            answer comes from the prefill's logits and a KV-cache technique never touches it; this mode judges what
+            the cache kept of the image.
     """
+    if not isinstance(question_after_image, bool):
+        raise TypeError(f"question_after_image must be a bool, got {type(question_after_image).__name__}")
+    split = 1 if question_after_image else None
     n_per_type = _checks.integer(n_per_type, "n_per_type", low=1)
     n_captions = _checks.integer(n_captions, "n_captions", low=0)
     examples = held_out(n_per_type)
@@ -74,7 +82,8 @@ def evaluate(
     hits: dict[str, list[bool]] = {}
     preds, traces = [], []
     for i, ex in enumerate(examples):
-        gen = generate(model, ex.image, tokenizer.prompt_ids(ex.qa.question), max_new_tokens=4, plugs=plugs)
+        gen = generate(model, ex.image, tokenizer.prompt_ids(ex.qa.question), max_new_tokens=4, plugs=plugs,
+                       prefill_tokens=split)
         hits.setdefault(ex.qa.qtype, []).append(gen.text == ex.qa.answer)
         preds.append(gen.text)
         traces.append(gen.trace)
@@ -82,7 +91,8 @@ def evaluate(
             progress(i + 1, total)
     cap_hits = []
     for j, scene in enumerate(caption_scenes):
-        gen = generate(model, world.render(scene), tokenizer.prompt_ids(tokenizer.CAPTION_PROMPT), plugs=plugs)
+        gen = generate(model, world.render(scene), tokenizer.prompt_ids(tokenizer.CAPTION_PROMPT), plugs=plugs,
+                       prefill_tokens=split)
         cap_hits.append(gen.text == world.caption(scene))
         if progress:
             progress(len(examples) + j + 1, total)

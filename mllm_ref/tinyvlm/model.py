@@ -51,6 +51,7 @@ from mllm_ref.tinyvlm.plugs import (
     NONE,
     DecoderUpdate,
     EncoderView,
+    KVPolicy,
     LayerView,
     Plugs,
     PromptInfo,
@@ -318,7 +319,9 @@ def _attend(plugs: Plugs, q, k, v, *, causal: bool, want_weights: bool):
 def _decoder_layer(model, plugs, i, x, positions, caches_in, *, causal, want_weights):
     """One decoder layer over ``x[T, D]``; returns the new hidden state, the layer's new k/v and weights.
 
-    ``caches_in``: ``(k_past, v_past)`` ``[Hkv, S, d]`` to prepend, or ``None`` in the prefill.
+    ``caches_in``: ``(k_past, v_past)`` ``[Hkv, S, d]`` to prepend, ``None`` in the prefill, or a callable
+    ``attend(q, k, v, want_weights)`` giving ``(out[H, T, dv], weights or None)`` over the past and the new tokens
+    (a KV policy's fused attention, :meth:`~mllm_ref.tinyvlm.plugs.KVPolicy.attend`).
     """
     cfg = model.config
     p = f"dec.{i}."
@@ -329,13 +332,16 @@ def _decoder_layer(model, plugs, i, x, positions, caches_in, *, causal, want_wei
     v = _lin(plugs, model, h, p + "v").reshape(-1, cfg.kv_heads, hd).transpose(1, 0, 2)
     q = rope(q, positions, theta=cfg.rope_theta)
     k = rope(k, positions, theta=cfg.rope_theta)
-    if caches_in is None:
-        k_all, v_all = k, v
+    if callable(caches_in):
+        a, weights = caches_in(q, k, v, want_weights)
     else:
-        k_all = np.concatenate([caches_in[0], k], axis=1)
-        v_all = np.concatenate([caches_in[1], v], axis=1)
-    out = _attend(plugs, q, k_all, v_all, causal=causal, want_weights=want_weights)
-    a, weights = (out[0][0], out[1][0]) if want_weights else (out[0], None)
+        if caches_in is None:
+            k_all, v_all = k, v
+        else:
+            k_all = np.concatenate([caches_in[0], k], axis=1)
+            v_all = np.concatenate([caches_in[1], v], axis=1)
+        out = _attend(plugs, q, k_all, v_all, causal=causal, want_weights=want_weights)
+        a, weights = (out[0][0], out[1][0]) if want_weights else (out[0], None)
     x = x + _lin(plugs, model, a.transpose(1, 0, 2).reshape(-1, cfg.heads * hd), p + "o")
     h = rmsnorm(x, model[p + "norm2.weight"], eps=cfg.rms_eps)
     x = x + _lin(plugs, model, silu(_lin(plugs, model, h, p + "gate")) * _lin(plugs, model, h, p + "up"), p + "down")
@@ -384,7 +390,7 @@ def prefill(
         want = policy.needs_attention(i) or plugs.kv_policy.needs_attention(i)
         layer_tokens.append(x.shape[0])
         x, k, v, weights = _decoder_layer(model, plugs, i, x, positions, None, causal=True, want_weights=want)
-        caches.append(plugs.kv_policy.store(i, k, v, weights, info))
+        caches.append(plugs.kv_policy.store(i, k, v, weights, info, positions=positions, n_visual=cur_vis))
         if i == cfg.layers - 1:
             break  # nothing runs after the last layer but the LM head on the last token
         out = policy.in_decoder(i, LayerView(x, weights, k, positions, cur_vis, source, info, protected))
@@ -437,16 +443,16 @@ def decode_step(
     caches = list(state.caches)
     exited_at = None
     context = 0
+    kv = plugs.kv_policy
+    pos = int(state.next_position)
     for i in range(cfg.layers):
-        k_past, v_past = plugs.kv_policy.read(i, caches[i])
         if i == 0:
-            context = int(k_past.shape[1])
+            context = kv.length(i, caches[i])
         if exited_at is None:
-            want = plugs.kv_policy.needs_attention(i)
-            x, k, v, weights = _decoder_layer(
-                model, plugs, i, x, positions, (k_past, v_past), causal=True, want_weights=want
-            )
-            caches[i] = plugs.kv_policy.extend(i, caches[i], k, v, weights)
+            want = kv.needs_attention(i)
+            past = _past(plugs, i, caches[i])
+            x, k, v, weights = _decoder_layer(model, plugs, i, x, positions, past, causal=True, want_weights=want)
+            caches[i] = kv.extend(i, caches[i], k, v, weights, position=pos)
             if i < cfg.layers - 1 and plugs.exit_policy.should_exit(
                 i, x[0], lambda h: logits_from_hidden(model, h, plugs)
             ):
@@ -455,7 +461,7 @@ def decode_step(
             h = rmsnorm(x, model[f"dec.{i}.norm1.weight"], eps=cfg.rms_eps)
             k = _lin(plugs, model, h, f"dec.{i}.k").reshape(-1, cfg.kv_heads, cfg.head_dim).transpose(1, 0, 2)
             v = _lin(plugs, model, h, f"dec.{i}.v").reshape(-1, cfg.kv_heads, cfg.head_dim).transpose(1, 0, 2)
-            caches[i] = plugs.kv_policy.extend(i, caches[i], rope(k, positions, theta=cfg.rope_theta), v, None)
+            caches[i] = kv.extend(i, caches[i], rope(k, positions, theta=cfg.rope_theta), v, None, position=pos)
     logits = logits_from_hidden(model, x[0], plugs)
     new_state = replace(state, caches=tuple(caches), next_position=state.next_position + 1)
     if trace is not None:
@@ -464,6 +470,39 @@ def decode_step(
         trace.kv_bytes = sum(plugs.kv_policy.nbytes(c) for c in caches)
         trace.decode_seconds += time.perf_counter() - t0
     return logits, new_state
+
+
+def _past(plugs: Plugs, layer: int, cache):
+    """What :func:`_decoder_layer` prepends at a decode step: the keys and values the KV policy reads or, for a
+    policy with its own :meth:`KVPolicy.attend`, a callable that tries it first."""
+    kv = plugs.kv_policy
+    if type(kv).attend is KVPolicy.attend:
+        return kv.read(layer, cache)
+    return _FusedOrRead(plugs, layer, cache)
+
+
+class _FusedOrRead:
+    """A callable for :func:`_decoder_layer` that asks the policy's :meth:`KVPolicy.attend` first and falls back
+    to :meth:`KVPolicy.read` plus the ``attention`` plug when it returns ``None``."""
+
+    def __init__(self, plugs: Plugs, layer: int, cache):
+        self.plugs, self.layer, self.cache = plugs, layer, cache
+
+    def __call__(self, q, k, v, want_weights):
+        kv = self.plugs.kv_policy
+        out = kv.attend(self.layer, self.cache, q, k, v, want_weights=want_weights)
+        if out is not None:
+            a, w = out
+            expected = (q.shape[0], q.shape[1], v.shape[2])
+            if np.shape(a) != expected or (want_weights and w is None):
+                raise ValueError(f"KVPolicy.attend must return out[H, 1, dv] = {list(expected)} and the weights when "
+                                 f"asked, got {np.shape(a)}")  # fmt: skip
+            return np.asarray(a, dtype=np.float32), w
+        k_past, v_past = kv.read(self.layer, self.cache)
+        k_all = np.concatenate([k_past, k], axis=1)
+        v_all = np.concatenate([v_past, v], axis=1)
+        out = _attend(self.plugs, q, k_all, v_all, causal=True, want_weights=want_weights)
+        return (out[0][0], out[1][0]) if want_weights else (out[0], None)
 
 
 @dataclass(frozen=True)
@@ -483,13 +522,29 @@ def generate(
     max_new_tokens: int = 24,
     plugs: Plugs = NONE,
     rng: np.random.Generator | None = None,
+    prefill_tokens: int | None = None,
 ) -> Generation:
-    """Prefill, then decode with the ``decoding`` plug until ``<eos>`` or ``max_new_tokens``."""
+    """Prefill, then decode with the ``decoding`` plug until ``<eos>`` or ``max_new_tokens``.
+
+    ``prefill_tokens``: ``None`` prefills the whole prompt (the usual request). An int ``n`` prefills the image and
+    the first ``n`` prompt tokens only, and reads the rest of the prompt one token at a time through the cache
+    (:func:`decode_step`), as when an image was cached before its question arrived (a second turn, a prefix-cache
+    hit). Without a KV policy the two give the same tokens (up to float32 rounding); with one, the question is
+    read through the cache the policy kept after the prefill, which is where query-agnostic KV compression is
+    judged. The prompt steps count as decode steps in the trace.
+    """
     max_new_tokens = _checks.integer(max_new_tokens, "max_new_tokens", low=1)
     if rng is not None:
         _checks.generator(rng)
+    ids = _prompt_array(prompt_ids)
     trace = Trace()
-    logits, state = prefill(model, image, prompt_ids, plugs, trace)
+    if prefill_tokens is None:
+        logits, state = prefill(model, image, ids, plugs, trace)
+    else:
+        n = _checks.integer(prefill_tokens, "prefill_tokens", low=1, high=ids.size)
+        logits, state = prefill(model, image, ids[:n], plugs, trace)
+        for token in ids[n:]:
+            logits, state = decode_step(model, state, int(token), plugs, trace)
     out: list[int] = []
     for step in range(max_new_tokens):
         token = plugs.decoding(logits, rng)

@@ -235,32 +235,73 @@ class TokenPolicy:
 
 
 class KVPolicy:
-    """Stores, extends and reads a layer's key/value cache. The base class keeps everything in float32."""
+    """Stores, extends and reads a layer's key/value cache. The base class keeps everything in float32.
+
+    The model calls, per decoder layer: :meth:`store` after the prefill; at each decode step :meth:`attend` (a
+    policy that attends over its own layout, e.g. a quantized cache read without a full-precision copy) or, when
+    that returns ``None``, :meth:`read` followed by ordinary attention; then :meth:`extend` with the new token.
+    Position ids are handed over so that a policy that moves tokens (eviction with re-rotated keys) can keep
+    track of them in its cache value.
+    """
 
     name = "none"
 
-    def store(self, layer: int, k: np.ndarray, v: np.ndarray, attn: np.ndarray | None, info: PromptInfo) -> Any:
+    def store(
+        self, layer: int, k: np.ndarray, v: np.ndarray, attn: np.ndarray | None, info: PromptInfo, *,
+        positions: np.ndarray, n_visual: int,
+    ) -> Any:  # fmt: skip
         """Cache after the prefill of ``layer``: ``k``, ``v`` are ``float32[Hkv, T, d]`` (keys already rotated).
 
-        ``attn`` is the layer's prefill attention ``float32[H, T, T]`` when :meth:`needs_attention` is true.
+        ``attn`` is the layer's prefill attention ``float32[H, T, T]`` when :meth:`needs_attention` is true;
+        ``positions`` ``int64[T]`` are the tokens' position ids and the first ``n_visual`` of them are visual (a
+        token policy may have dropped tokens before this layer, so both can differ from the request's).
         """
         return append(empty_cache(1, k.shape[0], k.shape[2], v.shape[2], dtype=k.dtype), k[None], v[None])
 
     def needs_attention(self, layer: int) -> bool:
+        """Whether :meth:`store` / :meth:`extend` need the attention weights of ``layer``."""
         return False
 
-    def extend(self, layer: int, cache: Any, k: np.ndarray, v: np.ndarray, attn: np.ndarray | None) -> Any:
-        """Cache after one decode step: ``k``, ``v`` are ``float32[Hkv, 1, d]``; ``attn`` is ``float32[H, 1, T]``
-        (the step's attention over the cache before the new token, plus itself), when needed."""
+    def extend(
+        self, layer: int, cache: Any, k: np.ndarray, v: np.ndarray, attn: np.ndarray | None, *, position: int
+    ) -> Any:
+        """Cache after one decode step: ``k``, ``v`` are ``float32[Hkv, 1, d]`` of the new token (rotated at
+        ``position``); ``attn`` is ``float32[H, 1, S + 1]`` (the step's attention over the ``S`` cached tokens as
+        read, then itself), when needed."""
         return append(cache, k[None], v[None])
 
     def read(self, layer: int, cache: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values to attend over: ``float32[Hkv, T, d]`` each."""
+        """Keys and values to attend over: ``float32[Hkv, S, d]`` each."""
         return cache.k[0], cache.v[0]
+
+    def attend(
+        self, layer: int, cache: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, want_weights: bool
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Fused decode attention over the cache, or ``None`` to let the model :meth:`read` and attend.
+
+        Args:
+            q: ``float32[H, 1, d]`` the new token's rotated queries; ``k``, ``v``: ``float32[Hkv, 1, d]`` its key and
+                value (the cache does not hold them yet).
+        Returns:
+            ``(out float32[H, 1, dv], weights float32[H, 1, S + 1] or None)``: attention over the cached tokens and
+            the new one (weights only when ``want_weights``).
+        """
+        return None
+
+    def length(self, layer: int, cache: Any) -> int:
+        """Tokens the cache attends over (``S``)."""
+        return int(self.read(layer, cache)[0].shape[1])
 
     def nbytes(self, cache: Any) -> int:
         """Bytes the cache holds (for cost accounting)."""
         return int(cache.k.nbytes + cache.v.nbytes)
+
+    def kept_tokens(self, layer: int, cache: Any) -> np.ndarray:
+        """``int64[Hkv, S]``: for each key/value head, the index in the request's sequence (visual tokens, then
+        the prompt, then the generated tokens, counted from 0 as the prefill saw them) of each cached token, for
+        drawing what an eviction policy kept. The base class keeps every token in order."""
+        n = self.length(layer, cache)
+        return np.tile(np.arange(n, dtype=np.int64), (int(np.shape(self.read(layer, cache)[0])[0]), 1))
 
 
 class ExitPolicy:

@@ -4,8 +4,17 @@ A model-level technique is registered with ``model_level=True`` and, in ``extra`
 ``plugs(model) -> Plugs`` giving its default setting on the tiny VLM, and ``"setting"``: a short description of
 that setting (e.g. ``"K=2, R=50%"``). A connector is a different model rather than a plug: it gives instead
 ``"variants"``: a callable ``variants(model) -> [(setting, variant model)]`` (the trained connector variants of
-:mod:`mllm_ref.tinyvlm.variants`), one row each. Each row evaluates the held-out set and reports accuracy and cost,
-each cost also as a ratio to the baseline row (id ``"baseline"``):
+:mod:`mllm_ref.tinyvlm.variants`), one row each. A technique with several settings worth a row each (KIVI at 2 and
+4 bits) gives ``"rows"``: a callable ``rows(model) -> [(setting, plugs)]``.
+
+A KV-cache technique sets ``"question_after_image": True``: its rows are evaluated with the image and ``<bos>``
+prefilled and compressed first and the question read through the compressed cache
+(:func:`mllm_ref.tinyvlm.evaluate.evaluate`'s ``question_after_image``), since the one-word answers otherwise
+come from the prefill's logits and never touch the cache. Those rows are compared with a second baseline row, id
+``"baseline-question-after-image"``: the plain model in the same mode.
+
+Each row evaluates the held-out set and reports accuracy and cost, each cost also as a ratio to its baseline row
+(id ``"baseline"``, or the one above):
 
 - ``visual_tokens``: visual tokens entering the decoder (mean);
 
@@ -32,6 +41,9 @@ from mllm_ref.system.specs import spec_from_tinyvlm
 from mllm_ref.tinyvlm.evaluate import EvalResult, evaluate
 from mllm_ref.tinyvlm.model import TinyVLM
 from mllm_ref.tinyvlm.plugs import NONE, Plugs
+
+#: The id of the baseline row of the KV-cache techniques (question read through the cache).
+AFTER_IMAGE_BASELINE = "baseline-question-after-image"
 
 RATIO_KEYS = ("prefill_flops", "llm_prefill_flops", "kv_bytes", "decode_tps", "wall", "layers")
 
@@ -83,23 +95,32 @@ def run_tour(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[dict]:
     """Rows of the tour: the baseline first, then each model-level technique (see the module docstring)."""
-    entries: list[tuple[str, str, Plugs, TinyVLM]] = [("baseline", "plain model", NONE, model)]
-    for tech in model_level_techniques(only):
+    entries: list[tuple[str, str, Plugs, TinyVLM, bool]] = [("baseline", "plain model", NONE, model, False)]
+    techs = model_level_techniques(only)
+    if any(t.extra.get("question_after_image") for t in techs):
+        entries.append((AFTER_IMAGE_BASELINE, "plain model, question read through the cache", NONE, model, True))
+    for tech in techs:
+        after = bool(tech.extra.get("question_after_image", False))
         if "variants" in tech.extra:  # a connector: each trained variant is a model of its own
             for setting, variant in tech.extra["variants"](model):
-                entries.append((tech.id, setting, NONE, variant))
+                entries.append((tech.id, setting, NONE, variant, after))
+        elif "rows" in tech.extra:
+            for setting, plugs in tech.extra["rows"](model):
+                entries.append((tech.id, setting, plugs, model, after))
         else:
-            entries.append((tech.id, tech.extra.get("setting", "default"), tech.extra["plugs"](model), model))
-    rows, base, base_preds = [], None, None
-    for tid, setting, plugs, row_model in entries:
+            entries.append((tech.id, tech.extra.get("setting", "default"), tech.extra["plugs"](model), model, after))
+    rows, bases = [], {}
+    for tid, setting, plugs, row_model, after in entries:
         cb = (lambda done, total, _id=tid: progress(_id, done, total)) if progress else None
         t0 = time.perf_counter()
-        result = evaluate(row_model, n_per_type, n_captions=n_captions, plugs=plugs, progress=cb)
+        result = evaluate(row_model, n_per_type, n_captions=n_captions, plugs=plugs, progress=cb,
+                          question_after_image=after)  # fmt: skip
         fig = figures(row_model, result, time.perf_counter() - t0)
         preds = result.predictions
-        if base is None:
-            base, base_preds = fig, preds
-        row = {"id": tid, "setting": setting}
+        if after not in bases:
+            bases[after] = (fig, preds)
+        base, base_preds = bases[after]
+        row = {"id": tid, "setting": setting, "question_after_image": after}
         row.update(fig)
         row["accuracy_delta"] = fig["accuracy"] - base["accuracy"]
         for key in RATIO_KEYS:
@@ -112,7 +133,7 @@ def run_tour(
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of the tour rows."""
-    head = ["technique", "setting", "accuracy", "Δacc", "vis tok", "prefill GFLOP", "×", "LLM ×", "KV KiB", "×",
+    head = ["technique", "setting", "accuracy", "Δacc", "captions", "vis tok", "prefill GFLOP", "×", "LLM ×", "KV KiB", "×",
             "decode tok/s", "×", "wall s", "×", "layers", "same"]  # fmt: skip
     lines = [head]
     for r in rows:
@@ -120,7 +141,8 @@ def format_table(rows: list[dict]) -> str:
             v = r[f"{k}_ratio"]
             return "-" if v is None else f"{v:.2f}"
         lines.append([
-            r["id"], r["setting"], f"{r['accuracy']:.3f}", f"{r['accuracy_delta']:+.3f}", f"{r['visual_tokens']:.0f}",
+            r["id"], r["setting"], f"{r['accuracy']:.3f}", f"{r['accuracy_delta']:+.3f}",
+            "-" if r.get("caption_exact_match") is None else f"{r['caption_exact_match']:.2f}", f"{r['visual_tokens']:.0f}",
             f"{r['prefill_flops'] / 1e9:.3f}", ratio("prefill_flops"), ratio("llm_prefill_flops"),
             f"{r['kv_bytes'] / 1024:.1f}", ratio("kv_bytes"),
             "-" if r["decode_tps"] is None else f"{r['decode_tps']:.0f}", ratio("decode_tps"),
@@ -190,4 +212,61 @@ def sweep(
                 "llm_prefill_flops_ratio": fig["llm_prefill_flops"] / base["llm_prefill_flops"],
                 "prefill_flops_ratio": fig["prefill_flops"] / base["prefill_flops"],
             })  # fmt: skip
+    return rows
+
+
+def kv_policies(knob: str) -> dict[str, Callable]:
+    """For each model-level ``kvcache`` technique whose module defines ``make_policy``, that function, keyed by
+    id, when its first argument is named ``knob`` (``"budget"``: tokens kept per KV head and layer, for
+    eviction; ``"bits"``: bits per number, for quantization)."""
+    import importlib
+    import inspect
+
+    out = {}
+    for tech in model_level_techniques("kvcache"):
+        make = getattr(importlib.import_module(tech.reference.__module__), "make_policy", None)
+        if make is not None and next(iter(inspect.signature(make).parameters)) == knob:
+            out[tech.id] = make
+    return out
+
+
+def kv_sweep(
+    model: TinyVLM,
+    makers: dict[str, Callable],
+    knobs,
+    *,
+    n_per_type: int = 10,
+    n_captions: int = 5,
+    progress: Callable[[str, object], None] | None = None,
+) -> list[dict]:
+    """Accuracy and KV bytes of KV policies against a knob (bits, or tokens kept), the question read through the
+    cache (``question_after_image``), plus the plain cache as the row ``method="baseline"``.
+
+    Args:
+        makers: ``{name: make_policy(knob) -> KVPolicy}``, e.g. :func:`kv_policies`.
+        knobs: the values to try.
+
+    A knob value a method's ``make_policy`` rejects with ``ValueError`` (a bit width it does not have) gives no row.
+    Each row: ``method``, ``knob``, ``accuracy``, ``by_type``, ``caption_exact_match``, ``kv_bytes`` (mean over
+    requests, at the end of each) and ``kv_bytes_ratio`` (to the plain cache).
+    """
+    def run(plugs):
+        result = evaluate(model, n_per_type, n_captions=n_captions, plugs=plugs, question_after_image=True)
+        return result, float(np.mean([tr.kv_bytes for tr in result.traces]))
+
+    base, base_bytes = run(NONE)
+    rows = [{"method": "baseline", "knob": None, "accuracy": base.accuracy, "by_type": base.by_type,
+             "caption_exact_match": base.caption_exact_match, "kv_bytes": base_bytes, "kv_bytes_ratio": 1.0}]
+    for name, make in makers.items():
+        for knob in knobs:
+            try:
+                policy = make(knob)
+            except ValueError:  # a setting the method does not have (CalibQuant is 1-bit only): no row
+                continue
+            if progress:
+                progress(name, knob)
+            result, nbytes = run(Plugs(kv_policy=policy))
+            rows.append({"method": name, "knob": knob, "accuracy": result.accuracy, "by_type": result.by_type,
+                         "caption_exact_match": result.caption_exact_match, "kv_bytes": nbytes,
+                         "kv_bytes_ratio": nbytes / base_bytes})  # fmt: skip
     return rows

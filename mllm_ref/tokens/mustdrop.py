@@ -361,14 +361,13 @@ class OutputAwareKV(KVPolicy):
     def __init__(self, threshold: float = 0.001):
         self.threshold = _checks.real(threshold, "threshold", low=0.0)
 
-    def store(self, layer: int, k: np.ndarray, v: np.ndarray, attn: np.ndarray | None, info: PromptInfo) -> VisualCache:
-        n_visual = int(k.shape[1] - np.asarray(info.prompt_ids).size)
-        return VisualCache(k.copy(), v.copy(), max(n_visual, 0))
+    def store(self, layer, k, v, attn, info: PromptInfo, *, positions, n_visual) -> VisualCache:
+        return VisualCache(k.copy(), v.copy(), int(n_visual))
 
     def needs_attention(self, layer: int) -> bool:
         return True
 
-    def extend(self, layer: int, cache: VisualCache, k: np.ndarray, v: np.ndarray, attn: np.ndarray | None):
+    def extend(self, layer: int, cache: VisualCache, k: np.ndarray, v: np.ndarray, attn, *, position: int):
         ck, cv, nv = cache.k, cache.v, cache.n_visual
         if attn is not None:
             keep = output_aware_keep(attn[:, :, : ck.shape[1]], nv, self.threshold)
