@@ -3,10 +3,4 @@
 One module per technique (``mllm_ref/quant/<name>.py``), each registering itself as ``quant.<name>``.
 """
 
-import importlib as _importlib
-import importlib.util as _util
-
-# INTERIM: import the modules that exist.
-for _name in ("affine",):
-    if _util.find_spec(f"mllm_ref.quant.{_name}") is not None:
-        _importlib.import_module(f"mllm_ref.quant.{_name}")
+from mllm_ref.quant import affine  # noqa: F401  (importing registers the technique)
