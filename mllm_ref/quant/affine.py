@@ -317,6 +317,36 @@ def _case(size: str, rng: np.random.Generator) -> dict:
     return {"x": x.astype(dt), "bits": bits, "symmetric": sym, "axis": axis, "group_size": g, "zero_point": zp}
 
 
+def _strategy():
+    """Hypothesis cases: shapes of 1 to 3 axes, per tensor / channel / group, the three forms, bits 2 to 8, float32
+    and float64, with ties (values on half steps) and constant groups drawn on purpose."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw):
+        ndim = draw(st.integers(1, 3))
+        shape = tuple(draw(st.integers(1, 4)) * draw(st.sampled_from([1, 2, 4])) for _ in range(ndim))
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        dt = draw(st.sampled_from([np.float32, np.float64]))
+        x = rng.standard_normal(shape) * 10.0 ** draw(st.integers(-3, 3)) + draw(st.sampled_from([0.0, 0.0, 3.0]))
+        kind = draw(st.sampled_from(["normal", "halves", "constant"]))
+        if kind == "halves":
+            x = np.round(x * 4) / 4
+        elif kind == "constant":
+            x = np.full(shape, x.flat[0])
+        sym = draw(st.booleans())
+        zp = "integer" if sym else draw(st.sampled_from(ZERO_POINTS))
+        axis = draw(st.sampled_from([None] + list(range(-ndim, ndim))))
+        g = None
+        if axis is not None:
+            n = shape[axis]
+            g = draw(st.sampled_from([None] + [d for d in range(1, n + 1) if n % d == 0]))
+        return {"x": x.astype(dt), "bits": draw(st.integers(2, 8)), "symmetric": sym, "axis": axis,
+                "group_size": g, "zero_point": zp}  # fmt: skip
+
+    return cases()
+
+
 def _cost(kw: dict) -> dict:
     x = kw["x"]
     return {"flops": float(4 * x.size), "bytes": float(x.nbytes + x.size)}
@@ -335,6 +365,7 @@ register(
         test_sizes=("tensor-8", "channel-4", "group-2", "group-3-sym", "token-4-float", "channel-2-float", "sym-8"),
         bench_sizes=("bench-weight", "bench-kv"),
         compare="exact",
+        strategy=_strategy,
         cost=_cost,
         chapter="book/04-kv-cache.md",
         notes="round half to even; integer zero point (0 in range) or KIVI's real zero point; 2-8 bits; packing of "
