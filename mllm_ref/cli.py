@@ -201,10 +201,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         from mllm_ref.oracle import registry
 
         tech = registry.get(args.technique)
-        if not tech.model_level or "plugs" not in tech.extra:
+        if not tech.model_level or not ("plugs" in tech.extra or "rows" in tech.extra):
             print(f"error: {args.technique} does not plug into the tiny VLM", file=sys.stderr)
             return 2
-        plugs = tech.extra["plugs"](model)
+        plugs = tech.extra["plugs"](model) if "plugs" in tech.extra else tech.extra["rows"](model)[0][1]
         after = after or bool(tech.extra.get("question_after_image", False))
     result = evaluate(model, args.n, n_captions=args.captions, plugs=plugs, question_after_image=after,
                       progress=None if args.json else _progress_bar("eval"))  # fmt: skip
@@ -270,6 +270,64 @@ def _run_tour(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- speculate
+
+
+def _add_speculate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--k", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], help="draft lengths to try")
+    p.add_argument("--captions", type=int, default=30, help="held-out images to caption")
+    p.add_argument("--repeats", type=int, default=3, help="runs per method and image (the fastest counts)")
+    p.add_argument("--all", action="store_true",
+                   help="also the text-only drafter, the token tree, Medusa and self-speculation")
+
+
+def speculate_strategies(ks, with_others: bool) -> dict:
+    """The strategies ``mllm-ref speculate`` times: plain greedy decoding through the strategies' own cache code
+    (one target forward per token), greedy speculative decoding with the drafter that sees the image, one per
+    ``k``, and with ``with_others`` the other greedy strategies at their tour settings."""
+    from mllm_ref.decoding.medusa import MedusaDecoding, load_heads
+    from mllm_ref.decoding.multimodal import load_drafter
+    from mllm_ref.decoding.self_speculative import SelfSpeculative, load_exit_heads
+    from mllm_ref.decoding.speculative import SpeculativeDecoding
+    from mllm_ref.decoding.tree import TreeSpeculative
+
+    from mllm_ref.decoding.sampling import PlainDecoding
+
+    drafter = load_drafter(True)
+    out = {"plain greedy, strategies' cache code": PlainDecoding().plugs()}
+    out.update({f"speculative k={k}": SpeculativeDecoding(drafter, k=k).plugs() for k in ks})
+    if with_others:
+        out["speculative text-only k=4"] = SpeculativeDecoding(load_drafter(False), k=4).plugs()
+        out["tree 2-2-1-1"] = TreeSpeculative(drafter, (2, 2, 1, 1)).plugs()
+        out["medusa 3 heads"] = MedusaDecoding(load_heads()).plugs()
+        heads = load_exit_heads()
+        out["self-speculative E=4 k=4"] = SelfSpeculative(heads, 4, 4).plugs()
+        out["self-speculative E=6 k=4"] = SelfSpeculative(heads, 6, 4).plugs()
+    return out
+
+
+def _run_speculate(args: argparse.Namespace) -> int:
+    from mllm_ref.decoding._speedup import caption_speedup, format_rows
+    from mllm_ref.tinyvlm.model import load
+
+    if any(k < 1 for k in args.k):
+        print("error: --k values must be >= 1", file=sys.stderr)
+        return 2
+    rows = caption_speedup(load(), speculate_strategies(args.k, args.all), n_captions=args.captions,
+                           repeats=args.repeats, progress=None if args.json else _progress_bar("speculate"))  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_rows(rows))
+    greedy = [r for r in rows if r["name"].startswith("speculative k=")]
+    if greedy:
+        best = max(greedy, key=lambda r: r["decode_speedup"])
+        print(f"best k: {best['name']}: decode x{best['decode_speedup']:.2f}, end to end x{best['end_to_end_speedup']:.2f}, "
+              f"identical to plain greedy: {'yes' if best['identical'] else 'no'}")  # fmt: skip
+    return 0
+
+
 # ---------------------------------------------------------------- grade
 
 
@@ -326,6 +384,7 @@ COMMANDS = {
     "check": (_add_check, _run_check, "judge an implementation against the reference"),
     "vectors": (_add_vectors, _run_vectors, "write golden test vectors"),
     "bench": (_add_bench, _run_bench, "time the reference and the fast paths"),
+    "speculate": (_add_speculate, _run_speculate, "time speculative decoding against plain decoding on captions"),
     "grade": (_add_grade, _run_grade, "grade a student's submission to an exercise (sandboxed)"),
     "exercise": (_add_exercise, _run_exercise, "write an exercise's handout (statement.md, student.py)"),
 }

@@ -141,3 +141,33 @@ def sweep_plot(rows: list[dict], ax=None, key: str = "accuracy", title: str | No
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+
+def decode_timeline(traces: dict, ax=None, title: str | None = None):
+    """The decode phase of several requests as time lines, one row each (``traces``: name -> :class:`Trace`).
+
+    Plain decoding shows one bar per target step; a speculative strategy shows its drafting (light) and each
+    verification by the target (dark), labelled with the tokens it emitted. Time starts at each request's first
+    decode event, in milliseconds."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 0.7 + 0.55 * len(traces)))
+    colors = {"decode": "#4c72b0", "verify": "#4c72b0", "draft": "#dd8452"}
+    for row, (name, trace) in enumerate(traces.items()):
+        events = trace.timeline
+        if not events:
+            continue
+        t0 = events[0][1]
+        for kind, start, end, tokens in events:
+            ax.barh(row, (end - start) * 1e3, left=(start - t0) * 1e3, height=0.6, color=colors.get(kind, "grey"),
+                    edgecolor="white", linewidth=0.5, alpha=0.55 if kind == "draft" else 1.0)  # fmt: skip
+            if kind in ("verify", "decode") and tokens:
+                ax.text((start + end - 2 * t0) * 5e2, row, str(tokens), ha="center", va="center", fontsize=7,
+                        color="white")  # fmt: skip
+    ax.set_yticks(range(len(traces)))
+    ax.set_yticklabels(list(traces))
+    ax.invert_yaxis()
+    ax.set_xlabel("decode time (ms); dark: a target forward (tokens emitted), light: drafting")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax

@@ -10,7 +10,9 @@ of the Q-Former's queries over the image tokens (heads split, scaled dot-product
 heads merged) and ``grading.qformer_cross_attention`` one whole cross-attention block of a Q-Former layer, both
 composed from the pieces that :mod:`mllm_ref.connectors.qformer` itself uses; ``grading.kivi_quantize_keys``,
 ``grading.kivi_quantize_values`` and their ``dequantize`` twins check KIVI's two groupings of the KV cache, built on
-:mod:`mllm_ref.quant.affine` (the quantizer :mod:`mllm_ref.kvcache.kivi` uses).
+:mod:`mllm_ref.quant.affine` (the quantizer :mod:`mllm_ref.kvcache.kivi` uses); ``grading.speculative_exactness``
+runs a speculative sampling step many times and tests that the first emitted token follows the target's
+distribution (a chi-square test, :func:`speculative_exactness_judge`).
 
 :func:`grade_callable` is used both by the sandboxed worker (:mod:`mllm_ref.oracle.grade_worker`, on a student's
 submission) and by the self-check of the test suite (on the references themselves).
@@ -318,7 +320,95 @@ _BLIP2_PAPER = (
 
 _KV_PAPER = "Ashish Vaswani et al., Attention Is All You Need, NeurIPS 2017 (arXiv:1706.03762)"
 
-#: Task-only techniques (not in the registry: they are exercises, not techniques of the library).
+# ---------------------------------------------------------------- speculative sampling's exactness
+
+#: draws of the exactness test, and its false-alarm rate
+EXACTNESS_DRAWS = 20000
+EXACTNESS_ALPHA = 1e-6
+
+
+def _chi_square_critical(df: int, alpha: float) -> float:
+    """Upper ``alpha`` quantile of chi-square with ``df`` degrees of freedom (Wilson-Hilferty approximation)."""
+    import math
+
+    lo, hi = 0.0, 10.0
+    for _ in range(100):  # the standard normal's upper alpha quantile by bisection
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 0.5 * math.erfc(mid / math.sqrt(2)) > alpha else (lo, mid)
+    c = 2.0 / (9.0 * max(df, 1))
+    return max(df, 1) * (1 - c + lo * math.sqrt(c)) ** 3
+
+
+def speculative_exactness_reference(p, q):
+    """The distribution one speculative step must emit first, whatever the drafter: the target's ``p`` itself."""
+    return np.asarray(p, dtype=np.float64)
+
+
+def speculative_exactness_judge(fn: Callable, kwargs: dict) -> tuple[bool, str]:
+    """Run a student's ``speculative_step`` (k = 1) :data:`EXACTNESS_DRAWS` times with a fixed seed: draft ``x ~ q``,
+    uniforms from the generator. The first emitted token must follow ``p``: a chi-square test at false-alarm rate
+    :data:`EXACTNESS_ALPHA` over the tokens ``p`` gives mass to, and no token outside them. A second row of ``p``
+    (the bonus distribution) is a one-hot on a token of its own, so a bonus emitted in place of the first token is
+    caught too."""
+    p, q = np.asarray(kwargs["p"], dtype=np.float64), np.asarray(kwargs["q"], dtype=np.float64)
+    v = p.size
+    bonus = np.zeros(v)
+    bonus[-1] = 1.0
+    rng = np.random.default_rng(12345)
+    counts = np.zeros(v)
+    for _ in range(EXACTNESS_DRAWS):
+        x = int(rng.choice(v, p=q))
+        out = fn(p=np.stack([p, bonus]), q=q[None].copy(), draft=np.array([x], dtype=np.int64),
+                 u=rng.random(1), u_sample=float(rng.random()))  # fmt: skip
+        out = np.asarray(out).reshape(-1)
+        if out.size == 0 or out.size > 2:
+            return False, f"one step with one draft token must emit 1 or 2 tokens, got {out.tolist()}"
+        counts[int(out[0])] += 1
+    n = EXACTNESS_DRAWS
+    outside = counts[p == 0].sum()
+    if outside:
+        bad = np.flatnonzero((p == 0) & (counts > 0)).tolist()
+        return False, (f"the first emitted token was {bad} (probability 0 under the target p) in {int(outside)} of "
+                       f"{n} steps: on rejection, draw from norm(max(0, p - q)), not from q or p")  # fmt: skip
+    keep = p > 0
+    expected = n * p[keep]
+    stat = float(np.sum((counts[keep] - expected) ** 2 / expected))
+    limit = _chi_square_critical(int(keep.sum()) - 1, EXACTNESS_ALPHA)
+    if stat > limit:
+        freq = np.round(counts / n, 3).tolist()
+        return False, (f"the emitted tokens do not follow the target: frequencies {freq} against p = "
+                       f"{np.round(p, 3).tolist()} (chi-square {stat:.1f} > {limit:.1f}, false-alarm rate "
+                       f"{EXACTNESS_ALPHA:g})")  # fmt: skip
+    return True, ""
+
+
+_EXACT_SIZES = ("dirichlet", "q_with_zeros", "p_equals_q", "q_one_hot")
+
+
+def _exactness_case(size: str, rng: np.random.Generator) -> dict:
+    v = 4
+    p = rng.dirichlet(np.full(v, 0.8))
+    p[1] = 0.0  # a token the target never emits
+    p /= p.sum()
+    q = rng.dirichlet(np.full(v, 0.8))
+    if size == "q_with_zeros":
+        q[[0, 2]] = 0.0  # the drafter never proposes tokens the target wants
+        q /= q.sum()
+    elif size == "p_equals_q":
+        q = p.copy()
+    elif size == "q_one_hot":
+        q = np.eye(v)[3]
+    return {"p": p, "q": q}
+
+
+_SPEC_PAPER = (
+    "Y. Leviathan, M. Kalman, Y. Matias, Fast Inference from Transformers via Speculative Decoding, ICML 2023 "
+    "(arXiv 2211.17192)"
+)
+
+#: Task-only techniques (not in the registry: they are exercises, not techniques of the library). A technique with
+#: ``extra["judge"]`` is graded by ``judge(fn, kwargs) -> (passed, message)`` on each case instead of a comparison
+#: of one call's output (a statistical test that calls the submission many times).
 GRADING_TECHNIQUES: dict[str, registry.Technique] = {
     "grading.kivi_quantize_keys": registry.Technique(
         id="grading.kivi_quantize_keys",
@@ -392,6 +482,15 @@ GRADING_TECHNIQUES: dict[str, registry.Technique] = {
         test_sizes=tuple(_QF_CROSS_SIZES),
         compare="tolerance",
     ),
+    "grading.speculative_exactness": registry.Technique(
+        id="grading.speculative_exactness",
+        reference=speculative_exactness_reference,
+        make_case=_exactness_case,
+        paper=_SPEC_PAPER,
+        test_sizes=_EXACT_SIZES,
+        compare="tolerance",
+        extra={"judge": speculative_exactness_judge},
+    ),
 }
 
 
@@ -406,8 +505,17 @@ def grade_callable(technique_id: str, fn: Callable, *, seed: int = 0) -> Verdict
     """Judge ``fn`` on every seeded test case of ``technique_id`` (the verdict of ``check``)."""
     technique = technique_for(technique_id)
     verdict, failed_cases = Verdict(), 0
+    judge = technique.extra.get("judge")
     for size, kwargs in technique.cases("test", seed):
-        case = judge_case(technique, fn, kwargs, f"case {size!r}, ")
+        if judge is None:
+            case = judge_case(technique, fn, kwargs, f"case {size!r}, ")
+        else:
+            try:
+                passed, message = judge(fn, kwargs)
+            except Exception as exc:  # the submission raised: its fault, reported like any failed case
+                passed, message = False, f"the function raised {type(exc).__name__}: {exc}"
+            case = Verdict(passed=bool(passed), message="" if passed else f"case {size!r}, {message}")
+            case.cases = 1
         failed_cases += not case.passed
         verdict = verdict.merge(case)
     return summarize(technique_id, verdict, failed_cases)

@@ -50,6 +50,7 @@ from mllm_ref.tinyvlm.config import TinyVLMConfig
 from mllm_ref.tinyvlm.plugs import (
     NONE,
     DecoderUpdate,
+    DecodingStrategy,
     EncoderView,
     KVPolicy,
     LayerView,
@@ -155,6 +156,11 @@ class Trace:
         decode_layers: for each decode step, the decoder layers run.
         kv_bytes: bytes held by all caches after the last step.
         prefill_seconds, decode_seconds: wall time.
+        target_calls, drafted, accepted: for a speculative decoding strategy, the target model's forward calls in
+            decoding, the tokens its drafter proposed and the proposals the target accepted.
+        timeline: ``(kind, start, end, tokens)`` for each decode step (``"decode"``) or, for a speculative
+            strategy, each drafting (``"draft"``, tokens drafted) and verification (``"verify"``, tokens emitted);
+            times from ``time.perf_counter``.
     """
 
     n_patches: int = 0
@@ -170,6 +176,10 @@ class Trace:
     kv_bytes: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    target_calls: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    timeline: list[tuple[str, float, float, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -180,11 +190,14 @@ class State:
         caches: one opaque cache value per decoder layer, as the KV policy returned it.
         next_position: position id of the next token.
         info: what policies may know of the request.
+        hidden: ``float32[D]``, the last layer's output at the last token fed (before the final norm; Medusa's
+            heads read it).
     """
 
     caches: tuple[Any, ...]
     next_position: int
     info: PromptInfo
+    hidden: np.ndarray | None = None
 
 
 def positions_for(n_visual: int, n_text: int) -> np.ndarray:
@@ -413,7 +426,7 @@ def prefill(
         source = remap_source(source, vis_keep, cur_vis)
         x, positions, cur_vis = x[keep], positions[keep], int(vis_keep.size)
     logits = logits_from_hidden(model, x[-1], plugs)
-    state = State(tuple(caches), int(ids.size + 1), info)
+    state = State(tuple(caches), int(ids.size + 1), info, x[-1])
     if trace is not None:
         trace.n_patches, trace.n_visual, trace.n_prompt = cfg.n_patches, n_vis, int(ids.size)
         trace.layer_tokens = layer_tokens
@@ -463,12 +476,14 @@ def decode_step(
             v = _lin(plugs, model, h, f"dec.{i}.v").reshape(-1, cfg.kv_heads, cfg.head_dim).transpose(1, 0, 2)
             caches[i] = kv.extend(i, caches[i], rope(k, positions, theta=cfg.rope_theta), v, None, position=pos)
     logits = logits_from_hidden(model, x[0], plugs)
-    new_state = replace(state, caches=tuple(caches), next_position=state.next_position + 1)
+    new_state = replace(state, caches=tuple(caches), next_position=state.next_position + 1, hidden=x[0])
     if trace is not None:
         trace.decode_context.append(context)
         trace.decode_layers.append(cfg.layers if exited_at is None else exited_at + 1)
         trace.kv_bytes = sum(plugs.kv_policy.nbytes(c) for c in caches)
-        trace.decode_seconds += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        trace.decode_seconds += t1 - t0
+        trace.timeline.append(("decode", t0, t1, 1))
     return logits, new_state
 
 
@@ -545,6 +560,12 @@ def generate(
         logits, state = prefill(model, image, ids[:n], plugs, trace)
         for token in ids[n:]:
             logits, state = decode_step(model, state, int(token), plugs, trace)
+    if isinstance(plugs.decoding, DecodingStrategy):
+        t0 = time.perf_counter()
+        out = plugs.decoding.run(model, state, logits, prompt_ids=ids, max_new_tokens=max_new_tokens, plugs=plugs,
+                                 rng=rng, trace=trace)  # fmt: skip
+        trace.decode_seconds += time.perf_counter() - t0
+        return Generation(tuple(out), tokenizer.decode(out), trace)
     out: list[int] = []
     for step in range(max_new_tokens):
         token = plugs.decoding(logits, rng)

@@ -315,6 +315,28 @@ class ExitPolicy:
         return False
 
 
+class DecodingStrategy:
+    """A decoding loop that replaces token-by-token decoding after the prefill (speculative decoding drafts several
+    tokens and verifies them in one forward). Set one as ``Plugs.decoding``; :func:`mllm_ref.tinyvlm.model.generate`
+    then hands it the prefill's state and logits and it returns the new tokens.
+    """
+
+    name = "none"
+
+    def run(
+        self, model: Any, state: Any, logits: np.ndarray, *, prompt_ids: np.ndarray, max_new_tokens: int,
+        plugs: "Plugs", rng: np.random.Generator | None, trace: Any,
+    ) -> list[int]:  # fmt: skip
+        """Decode from the prefill's ``state`` (:class:`mllm_ref.tinyvlm.model.State`) and last ``logits``
+        ``[V]`` until ``<eos>`` or ``max_new_tokens``; returns the tokens without ``<eos>``. ``prompt_ids`` is the
+        whole prompt (a drafter prefills it too); ``trace`` (:class:`mllm_ref.tinyvlm.model.Trace`) gets the decode
+        steps, target calls, drafted and accepted tokens."""
+        raise NotImplementedError
+
+    def __call__(self, logits: np.ndarray, rng: np.random.Generator | None = None) -> int:
+        raise TypeError(f"{type(self).__name__} runs the whole decoding loop; use mllm_ref.tinyvlm.model.generate")
+
+
 def greedy(logits: np.ndarray, rng: np.random.Generator | None = None) -> int:
     """The arg-max token; ties go to the lowest id."""
     return int(np.argmax(logits))
@@ -329,7 +351,8 @@ class Plugs:
     exit_policy: ExitPolicy = field(default_factory=ExitPolicy)
     linear: Callable[[np.ndarray, np.ndarray, np.ndarray | None, str], np.ndarray] | None = None
     attention: Callable[..., Any] | None = None
-    decoding: Callable[[np.ndarray, np.random.Generator | None], int] = greedy
+    #: a per-token rule ``decoding(logits, rng) -> token``, or a :class:`DecodingStrategy` that runs the loop
+    decoding: Callable[[np.ndarray, np.random.Generator | None], int] | DecodingStrategy = greedy
 
 
 NONE = Plugs()

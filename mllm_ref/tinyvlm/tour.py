@@ -25,7 +25,13 @@ Each row evaluates the held-out set and reports accuracy and cost, each cost als
 - ``decode_tps``: decode tokens per second of wall time (captions give most of the decode steps);
 - ``wall``: total wall time of the evaluation;
 - ``layers``: decoder layers run per decode step (mean);
-- ``identical_output``: whether every answer and caption equals the baseline's.
+- ``identical_output``: whether every answer and caption equals the baseline's;
+- ``acceptance_rate``, ``accepted_per_call``, ``tokens_per_call``: for a speculative decoding strategy, the share of
+  drafted tokens the target accepted, the accepted draft tokens per target forward in decoding, and the tokens
+  emitted per target forward (accepted plus the target's own); ``None`` otherwise.
+
+A decoding technique gives its strategies as ``"rows"`` (``Plugs(decoding=strategy)``); ``mllm-ref speculate``
+(:mod:`mllm_ref.decoding._speedup`) times them on captions alone, where decoding is most of the work.
 """
 
 from __future__ import annotations
@@ -72,7 +78,13 @@ def figures(model: TinyVLM, result: EvalResult, wall: float) -> dict:
     steps = sum(len(tr.decode_layers) for tr in result.traces)
     decode_seconds = sum(tr.decode_seconds for tr in result.traces)
     layers = [n for tr in result.traces for n in tr.decode_layers]
+    calls = sum(tr.target_calls for tr in result.traces)
+    drafted = sum(tr.drafted for tr in result.traces)
+    accepted = sum(tr.accepted for tr in result.traces)
     return {
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "tokens_per_call": (accepted + calls) / calls if calls else None,
+        "accepted_per_call": accepted / calls if calls else None,
         "accuracy": result.accuracy,
         "by_type": result.by_type,
         "visual_tokens": float(np.mean([tr.n_visual for tr in result.traces])),
@@ -135,6 +147,9 @@ def format_table(rows: list[dict]) -> str:
     """A plain-text table of the tour rows."""
     head = ["technique", "setting", "accuracy", "Δacc", "captions", "vis tok", "prefill GFLOP", "×", "LLM ×", "KV KiB", "×",
             "decode tok/s", "×", "wall s", "×", "layers", "same"]  # fmt: skip
+    spec = any(r.get("acceptance_rate") is not None for r in rows)
+    if spec:
+        head = head + ["accept", "tok/call"]
     lines = [head]
     for r in rows:
         def ratio(k):
@@ -149,7 +164,10 @@ def format_table(rows: list[dict]) -> str:
             f"{r['wall']:.1f}", ratio("wall"),
             "-" if r["layers"] is None else f"{r['layers']:.2f}",
             "yes" if r["identical_output"] else "no",
-        ])
+        ] + ([] if not spec else [
+            "-" if r.get("acceptance_rate") is None else f"{r['acceptance_rate']:.2f}",
+            "-" if r.get("tokens_per_call") is None else f"{r['tokens_per_call']:.2f}",
+        ]))  # fmt: skip
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines)
 
