@@ -122,10 +122,10 @@ def speculative_generate(
     rng: np.random.Generator,
     eos: int | None = None,
 ) -> tuple[list[int], dict]:
-    """Speculative sampling with token-level models given as functions ``model(tokens) -> probs[V]`` (the next
-    token's distribution after ``tokens``). The draft stops early at ``eos``. Returns the new tokens (at most
-    ``max_new_tokens``, up to and including ``eos``) and counts ``{"target_calls", "drafted", "accepted"}``; a target call is the ``k + 1`` distributions one
-    forward would give."""
+    """Speculative sampling with token-level models given as functions ``model(tokens) -> probs[V]`` (the next token's
+    distribution after ``tokens``). The draft stops early at ``eos``. Returns the new tokens (at most
+    ``max_new_tokens``, up to and including ``eos``) and counts ``{"target_calls", "drafted", "accepted"}``; a
+    target call is the ``k + 1`` distributions one forward would give."""
     k = _checks.integer(k, "k", low=1)
     max_new_tokens = _checks.integer(max_new_tokens, "max_new_tokens", low=1)
     _checks.generator(rng)

@@ -18,11 +18,12 @@ So node ``i``'s logits equal those a sequential forward over its path would give
 arg-max after its parent (ties to the path ending at the lowest node index, as Medusa picks the first best
 candidate), then emits the target's arg-max after its last node. Every emitted token is the target's greedy
 choice after the tokens before it, so the output equals plain greedy decoding; with distinct sibling tokens, the
-path is the walk from the root that always moves to the child carrying the target's choice. The cache is then compacted: of the ``N`` new entries, only those of the nodes on the accepted path are
-kept, in order (:meth:`mllm_ref.decoding._model.Stack.keep`).
+path is the walk from the root that always moves to the child carrying the target's choice. The cache is then
+compacted: of the ``N`` new entries, only those of the nodes on the accepted path are kept, in order
+(:meth:`mllm_ref.decoding._model.Stack.keep`).
 
-:class:`TreeSpeculative` builds the tree with a drafter as SpecInfer's expansion does: at depth ``d`` every leaf
-gets its drafter's ``widths[d]`` most likely tokens as children (ties to the lower id). :mod:`mllm_ref.decoding.medusa`
+:class:`TreeSpeculative` builds the tree with a drafter as SpecInfer's expansion does: at depth ``d`` every leaf gets
+its drafter's ``widths[d]`` most likely tokens as children (ties to the lower id). :mod:`mllm_ref.decoding.medusa`
 builds it from Medusa heads instead.
 
 Shapes: N tree nodes, V vocabulary.

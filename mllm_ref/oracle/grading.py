@@ -339,11 +339,6 @@ def _chi_square_critical(df: int, alpha: float) -> float:
     return max(df, 1) * (1 - c + lo * math.sqrt(c)) ** 3
 
 
-def speculative_exactness_reference(p, q):
-    """The distribution one speculative step must emit first, whatever the drafter: the target's ``p`` itself."""
-    return np.asarray(p, dtype=np.float64)
-
-
 def speculative_exactness_judge(fn: Callable, kwargs: dict) -> tuple[bool, str]:
     """Run a student's ``speculative_step`` (k = 1) :data:`EXACTNESS_DRAWS` times with a fixed seed: draft ``x ~ q``,
     uniforms from the generator. The first emitted token must follow ``p``: a chi-square test at false-alarm rate
@@ -368,7 +363,7 @@ def speculative_exactness_judge(fn: Callable, kwargs: dict) -> tuple[bool, str]:
     outside = counts[p == 0].sum()
     if outside:
         bad = np.flatnonzero((p == 0) & (counts > 0)).tolist()
-        return False, (f"the first emitted token was {bad} (probability 0 under the target p) in {int(outside)} of "
+        return False, (f"the first emitted token was {bad} (expected probability 0 under the target p) in {int(outside)} of "
                        f"{n} steps: on rejection, draw from norm(max(0, p - q)), not from q or p")  # fmt: skip
     keep = p > 0
     expected = n * p[keep]
@@ -376,10 +371,17 @@ def speculative_exactness_judge(fn: Callable, kwargs: dict) -> tuple[bool, str]:
     limit = _chi_square_critical(int(keep.sum()) - 1, EXACTNESS_ALPHA)
     if stat > limit:
         freq = np.round(counts / n, 3).tolist()
-        return False, (f"the emitted tokens do not follow the target: frequencies {freq} against p = "
+        return False, (f"the emitted tokens do not follow the target: frequencies {freq}, expected p = "
                        f"{np.round(p, 3).tolist()} (chi-square {stat:.1f} > {limit:.1f}, false-alarm rate "
                        f"{EXACTNESS_ALPHA:g})")  # fmt: skip
     return True, ""
+
+
+def _speculative_step(p, q, draft, u, u_sample):
+    """The reference step (:func:`mllm_ref.decoding.speculative.speculative_step`), imported when called."""
+    from mllm_ref.decoding.speculative import speculative_step
+
+    return speculative_step(p, q, draft, u, u_sample)
 
 
 _EXACT_SIZES = ("dirichlet", "q_with_zeros", "p_equals_q", "q_one_hot")
@@ -484,7 +486,7 @@ GRADING_TECHNIQUES: dict[str, registry.Technique] = {
     ),
     "grading.speculative_exactness": registry.Technique(
         id="grading.speculative_exactness",
-        reference=speculative_exactness_reference,
+        reference=_speculative_step,  # the solution; the judge tests the distribution of what a step emits
         make_case=_exactness_case,
         paper=_SPEC_PAPER,
         test_sizes=_EXACT_SIZES,
