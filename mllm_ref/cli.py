@@ -201,10 +201,15 @@ def _run_eval(args: argparse.Namespace) -> int:
         from mllm_ref.oracle import registry
 
         tech = registry.get(args.technique)
-        if not tech.model_level or not ("plugs" in tech.extra or "rows" in tech.extra):
+        if not tech.model_level or not ({"plugs", "rows", "model_rows"} & set(tech.extra)):
             print(f"error: {args.technique} does not plug into the tiny VLM", file=sys.stderr)
             return 2
-        plugs = tech.extra["plugs"](model) if "plugs" in tech.extra else tech.extra["rows"](model)[0][1]
+        if "plugs" in tech.extra:
+            plugs = tech.extra["plugs"](model)
+        elif "rows" in tech.extra:
+            plugs = tech.extra["rows"](model)[0][1]
+        else:
+            _, model, plugs = tech.extra["model_rows"](model)[0]
         after = after or bool(tech.extra.get("question_after_image", False))
     result = evaluate(model, args.n, n_captions=args.captions, plugs=plugs, question_after_image=after,
                       progress=None if args.json else _progress_bar("eval"))  # fmt: skip
@@ -216,6 +221,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(f"  {qtype:9s} {acc:.3f}")
     if result.caption_exact_match is not None:
         print(f"caption exact match: {result.caption_exact_match:.3f} (n={result.n_captions})")
+    if result.decode_layers is not None:
+        print(f"decoder layers per decode step: {result.decode_layers:.2f} of {model.config.layers}")
     return 0
 
 

@@ -45,3 +45,15 @@ def model():
     from mllm_ref.tinyvlm.model import load
 
     return load()
+
+
+@pytest.fixture(scope="session")
+def site_is_built() -> bool:
+    """Whether ``tests/test_book_site.py`` builds the book's site here (Chromium and Jupyter Book are present),
+    executing every chapter: ``tests/test_book.py`` then leaves the chapters' execution to it."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    has_book = Path(sys.executable).with_name("jupyter-book").exists() or shutil.which("jupyter-book") is not None
+    return shutil.which("chromium") is not None and has_book

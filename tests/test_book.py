@@ -68,7 +68,12 @@ def test_chapter_defines_no_technique_code(chapter):
 @pytest.mark.slow
 @pytest.mark.notebook
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
-def test_chapter_executes(chapter, tmp_path, monkeypatch):
+def test_chapter_executes(chapter, tmp_path, monkeypatch, site_is_built):
+    """Each chapter runs without an error cell and draws a figure. When the site is built (Chromium and Jupyter
+    Book present), ``tests/test_book_site.py`` executes every chapter and checks the same on each page, so the
+    chapters are not executed twice."""
+    if site_is_built:
+        pytest.skip("executed and checked by tests/test_book_site.py, which builds the site")
     jupytext = pytest.importorskip("jupytext")
     nbclient = pytest.importorskip("nbclient")
     nb = jupytext.read(chapter)

@@ -1,5 +1,5 @@
-"""The book as a site: built once with Jupyter Book (every chapter executed), served on 127.0.0.1, and opened in
-headless Chromium. Each chapter page must show its title and its figures and no error output; the front page must
+"""The book as a site: every chapter executed (two at a time), built once with Jupyter Book, served on 127.0.0.1, and
+opened in headless Chromium. Each chapter page must show its title and its figures and no error output; the front page must
 show the registry's coverage table; the first chapter is saved as a screenshot in build/screenshots/.
 
 Needs Debian's `chromium` (`.ci/run` installs it); skipped without it.
@@ -55,6 +55,34 @@ def _title(chapter: Path) -> str:
     return next(line[2:].strip() for line in chapter.read_text().splitlines() if line.startswith("# "))
 
 
+#: chapters executed at once (each in its own kernel process; CI has two cores)
+WORKERS = 2
+
+
+def _execute_chapters(book: Path, env: dict, run_dir: Path) -> None:
+    """Execute every chapter of the copied book (and every other page with code cells), ``WORKERS`` at a time, into
+    ``<page>.ipynb`` with its outputs (replacing the text notebook), so that the site build only renders them. This is the book's one execution in
+    the suite: ``tests/test_book.py`` leaves it to this file when the site is built."""
+    jupytext = Path(sys.executable).with_name("jupytext")
+    # the chapters and every other page with code cells (the front page's coverage table)
+    pending = sorted(p for p in book.glob("*.md") if "kernelspec:" in p.read_text().split("\n---", 1)[0])
+    running: list[tuple[Path, subprocess.Popen]] = []
+    failures = []
+    while pending or running:
+        while pending and len(running) < WORKERS:
+            md = pending.pop(0)
+            cmd = [str(jupytext), "--to", "ipynb", "--execute", "--run-path", str(run_dir), str(md), "-o",
+                   str(md.with_suffix(".ipynb"))]  # fmt: skip
+            running.append((md, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                 text=True)))  # fmt: skip
+        md, proc = running.pop(0)
+        out, _ = proc.communicate(timeout=900)
+        if proc.returncode != 0:
+            failures.append(f"{md.name}:\n{out[-3000:]}")
+        md.unlink()
+    assert not failures, "a chapter failed to execute:\n" + "\n".join(failures)
+
+
 @pytest.fixture(scope="session")
 def site(tmp_path_factory):
     """The built site (a copy of book/ built in a temporary folder, so `make book`'s output is left alone)."""
@@ -68,6 +96,9 @@ def site(tmp_path_factory):
     shutil.copytree(BOOK, book, ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints"))
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     env.pop("MPLBACKEND", None)  # the kernel must use the inline backend to show figures
+    _execute_chapters(book, env, tmp_path_factory.mktemp("run"))
+    config = book / "_config.yml"
+    config.write_text(config.read_text().replace("execute_notebooks: force", 'execute_notebooks: "off"'))
     # -W: a Sphinx warning (a broken link, a missing page, a cell that failed) fails the build
     proc = subprocess.run(
         [str(jupyter_book), "build", str(book), "-W", "--keep-going"],

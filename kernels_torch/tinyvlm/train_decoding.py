@@ -26,6 +26,10 @@ read, no pickle) and ``manifest.json`` (arguments, the base model's sha256, the 
   early-exit heads that LayerSkip-style self-speculation drafts with; and CALM's learned confidence, a linear score
   on the same hidden state trained (binary cross-entropy, weight 0.2) to predict whether that exit head's arg-max
   equals the full model's.
+- **shared-exit** (:mod:`mllm_ref.dynamic.layer_skip`): LayerSkip's single early-exit head (one RMSNorm and vocabulary
+  projection for every layer), trained on every intermediate layer with LayerSkip's early-exit loss weights (layer
+  ``l`` weighs in proportion to ``0 + 1 + ... + (l + 1)``), by distillation with the model frozen. LayerSkip also
+  trains the model itself with layer dropout; that part is left out (the model stays as shipped).
 
 Seeded: the scene stream comes from ``numpy.random.default_rng(seed)``, the initialisation from
 ``torch.manual_seed(seed)``.
@@ -52,7 +56,7 @@ from mllm_ref.tinyvlm.config import TinyVLMConfig
 from mllm_ref.tinyvlm.model import WEIGHTS_DIR, load
 
 DECODING_DIR = WEIGHTS_DIR / "decoding"
-STEPS = {"draft": 1500, "medusa": 800, "exits": 800}
+STEPS = {"draft": 1500, "medusa": 800, "exits": 800, "shared-exit": 600}
 
 
 def load_target() -> tuple[TinyVLM, dict]:
@@ -150,6 +154,10 @@ def train(kind: str, steps: int, batch: int, n_questions: int, lr: float, seed: 
         module = MedusaHeads(cfg.dim, cfg.vocab_size, heads)
         for head in module.lm_head:
             head.weight.data.copy_(target.lm_head.weight)
+    elif kind == "shared-exit":
+        module = ExitHeads(cfg.dim, cfg.vocab_size, 1, cfg.rms_eps)
+        module.norm[0].weight.data.copy_(target.norm.weight)
+        module.lm_head[0].weight.data.copy_(target.lm_head.weight)
     elif kind == "exits":
         module = ExitHeads(cfg.dim, cfg.vocab_size, cfg.layers - 1, cfg.rms_eps)
         for norm, head in zip(module.norm, module.lm_head):
@@ -198,6 +206,17 @@ def train(kind: str, steps: int, batch: int, n_questions: int, lr: float, seed: 
                 tg = targets[:, ahead:][ok]
                 loss = loss + F.cross_entropy(lg, tg)
                 metrics[f"head{j}_top1"] = float((lg.argmax(-1) == tg).float().mean())
+        elif kind == "shared-exit":
+            # LayerSkip's early-exit loss: one head reads every layer, deeper layers weigh more (scale ~ sum 0..l)
+            scale = torch.tensor([sum(range(li + 2)) for li in range(cfg.layers - 1)], dtype=torch.float32)
+            scale = scale / scale.sum()
+            loss = 0.0
+            for li in range(cfg.layers - 1):
+                logits = module.lm_head[0](module.norm[0](hs[li]))
+                loss = loss + scale[li] * _kl(logits, final, text)
+                if li in (2, 5, 8):
+                    metrics[f"layer{li}_top1"] = float((logits[supervised].argmax(-1) == final[supervised].argmax(-1))
+                                                       .float().mean())  # fmt: skip
         else:
             loss = 0.0
             for li in range(cfg.layers - 1):
@@ -247,7 +266,7 @@ def save(module: nn.Module, out_dir: Path, info: dict, kind: str) -> Path:
     state = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in module.state_dict().items()}
     if kind == "medusa":
         state = {f"medusa.{k.split('.')[1]}.{k.split('.')[0]}.{k.split('.', 2)[2]}": v for k, v in state.items()}
-    elif kind == "exits":
+    elif kind in ("exits", "shared-exit"):
         state = {f"exit.{k.split('.')[1]}.{k.split('.')[0]}.{k.split('.', 2)[2]}": v for k, v in state.items()}
     path = out_dir / "weights.npz"
     np.savez_compressed(path, **state)

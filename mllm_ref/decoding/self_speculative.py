@@ -70,21 +70,38 @@ def early_exit_logits(hidden: np.ndarray, norm_weight: np.ndarray, head_weight: 
 @dataclass(frozen=True)
 class ExitHeads:
     """Trained exit heads: ``norm[l] float32[D]`` and ``head[l] float32[V, D]`` read the output of layer ``l``
-    (0-based) for ``l < L - 1``."""
+    (0-based) for ``l < L - 1``; a single head (``shared``) reads every layer."""
 
     norm: tuple[np.ndarray, ...]
     head: tuple[np.ndarray, ...]
     eps: float = 1e-6
     manifest: dict = field(default_factory=dict)
+    #: CALM's early-exit classifier per layer: ``(weight float32[D], bias float)``, or empty
+    classifier: tuple[tuple[np.ndarray, float], ...] = ()
+
+    @property
+    def shared(self) -> bool:
+        """One head for every layer (LayerSkip's shared exit)."""
+        return len(self.norm) == 1
 
     def logits(self, layer: int, hidden: np.ndarray) -> np.ndarray:
-        layer = _checks.integer(layer, "layer", low=0, high=len(self.norm) - 1)
-        return early_exit_logits(hidden, self.norm[layer], self.head[layer], eps=self.eps)
+        layer = _checks.integer(layer, "layer", low=0, high=None if self.shared else len(self.norm) - 1)
+        i = 0 if self.shared else layer
+        return early_exit_logits(hidden, self.norm[i], self.head[i], eps=self.eps)
+
+    def confidence(self, layer: int, hidden: np.ndarray) -> float:
+        """CALM's learned confidence logit (``> 0``: the exit head likely agrees with the full model)."""
+        if not self.classifier:
+            raise ValueError("these exit heads have no trained classifier")
+        layer = _checks.integer(layer, "layer", low=0, high=len(self.classifier) - 1)
+        w, b = self.classifier[layer]
+        return float(np.asarray(hidden, dtype=np.float64) @ w + b)
 
 
-def load_exit_heads(path: str | Path | None = None) -> ExitHeads:
-    """The bundled exit heads (``weights/decoding/exits``), read without pickle and checked by sha256."""
-    folder = vlm.WEIGHTS_DIR / "decoding" / "exits" if path is None else Path(path)
+def load_exit_heads(path: str | Path | None = None, kind: str = "exits") -> ExitHeads:
+    """The bundled exit heads (``weights/decoding/exits``, or LayerSkip's single shared head with
+    ``kind="shared-exit"``), read without pickle and checked by sha256."""
+    folder = vlm.WEIGHTS_DIR / "decoding" / kind if path is None else Path(path)
     manifest = json.loads((folder / "manifest.json").read_text())
     data = (folder / manifest["weights_file"]).read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
@@ -93,7 +110,11 @@ def load_exit_heads(path: str | Path | None = None) -> ExitHeads:
         n = len([f for f in npz.files if f.endswith(".norm.weight")])
         norm = tuple(npz[f"exit.{i}.norm.weight"].astype(np.float32) for i in range(n))
         head = tuple(npz[f"exit.{i}.lm_head.weight"].astype(np.float32) for i in range(n))
-    return ExitHeads(norm, head, 1e-6, manifest)
+        classifier = ()
+        if "exit.0.confidence.weight" in npz.files:
+            classifier = tuple((npz[f"exit.{i}.confidence.weight"][0].astype(np.float64),
+                                float(npz[f"exit.{i}.confidence.bias"][0])) for i in range(n))  # fmt: skip
+    return ExitHeads(norm, head, 1e-6, manifest, classifier)
 
 
 @dataclass(frozen=True)
@@ -108,7 +129,7 @@ class SelfSpeculative(DecodingStrategy):
     name = "self_speculative"
 
     def __post_init__(self):
-        _checks.integer(self.exit_layers, "exit_layers", low=1, high=len(self.heads.norm))
+        _checks.integer(self.exit_layers, "exit_layers", low=1, high=None if self.heads.shared else len(self.heads.norm))
         _checks.integer(self.k, "k", low=1)
 
     def plugs(self) -> Plugs:

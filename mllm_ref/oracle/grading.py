@@ -12,7 +12,9 @@ composed from the pieces that :mod:`mllm_ref.connectors.qformer` itself uses; ``
 ``grading.kivi_quantize_values`` and their ``dequantize`` twins check KIVI's two groupings of the KV cache, built on
 :mod:`mllm_ref.quant.affine` (the quantizer :mod:`mllm_ref.kvcache.kivi` uses); ``grading.speculative_exactness``
 runs a speculative sampling step many times and tests that the first emitted token follows the target's
-distribution (a chi-square test, :func:`speculative_exactness_judge`).
+distribution (a chi-square test, :func:`speculative_exactness_judge`); ``grading.calm_margin_exit`` and
+``grading.calm_copy_kv`` check CALM's softmax-margin exit and the keys and values an exited token leaves in the layers
+it skipped (:mod:`mllm_ref.dynamic.early_exit`).
 
 :func:`grade_callable` is used both by the sandboxed worker (:mod:`mllm_ref.oracle.grade_worker`, on a student's
 submission) and by the self-check of the test suite (on the references themselves).
@@ -403,6 +405,57 @@ def _exactness_case(size: str, rng: np.random.Generator) -> dict:
     return {"p": p, "q": q}
 
 
+# ---------------------------------------------------------------- CALM: softmax-margin exit and KV copying
+
+
+def calm_margin_exit_reference(logits, threshold, min_layer):
+    """CALM's softmax-response exit: the first layer ``l >= min_layer`` whose top-1 minus top-2 probability is at
+    least ``threshold``, else the last layer (:func:`mllm_ref.dynamic.early_exit.exit_layer`, ``measure="margin"``).
+    ``logits``: ``float[L, V]`` the exit heads' logits of one token."""
+    from mllm_ref.dynamic.early_exit import exit_layer
+
+    z = np.asarray(logits)
+    return exit_layer(z, np.zeros((z.shape[0], 1), dtype=z.dtype), np.zeros(z.shape[0], dtype=z.dtype),
+                      measure="margin", threshold=threshold, min_layer=min_layer)  # fmt: skip
+
+
+def calm_copy_kv_reference(hidden, norm_weight, k_weight, v_weight, position, kv_heads, theta, eps):
+    """CALM's state propagation (:func:`mllm_ref.dynamic.early_exit.copy_kv`)."""
+    from mllm_ref.dynamic.early_exit import copy_kv
+
+    return copy_kv(hidden, norm_weight, k_weight, v_weight, position=position, kv_heads=kv_heads, theta=theta, eps=eps)
+
+
+_MARGIN_SIZES = {"one_layer": (1, 4), "tiny": (4, 5), "tinyvlm": (12, 42), "late": (8, 30), "never": (6, 10)}
+
+
+def _margin_case(size: str, rng: np.random.Generator) -> dict:
+    n, v = _MARGIN_SIZES[size]
+    scale = np.linspace(0.3, 8.0, n)[:, None] if size != "never" else np.full((n, 1), 0.05)
+    logits = (rng.standard_normal((n, v)) * scale).astype(np.float32)
+    logits[:, 0] += 1e4 if size == "tinyvlm" else 0.0  # large logits: the softmax must be stable
+    return {"logits": logits, "threshold": {"late": 0.95, "never": 0.99}.get(size, 0.5), "min_layer": 2 if size == "late" else 1}
+
+
+_COPY_SIZES = {"one_layer": (1, 8, 2, 4), "tinyvlm": (7, 128, 2, 32), "gqa8": (3, 64, 4, 16)}
+
+
+def _copy_case(size: str, rng: np.random.Generator) -> dict:
+    s, d, hkv, hd = _COPY_SIZES[size]
+    return {
+        "hidden": (rng.standard_normal(d) * 3).astype(np.float32),
+        "norm_weight": (1 + 0.2 * rng.standard_normal((s, d))).astype(np.float32),
+        "k_weight": (rng.standard_normal((s, hkv * hd, d)) / np.sqrt(d)).astype(np.float32),
+        "v_weight": (rng.standard_normal((s, hkv * hd, d)) / np.sqrt(d)).astype(np.float32),
+        "position": int(rng.integers(1, 200)), "kv_heads": hkv, "theta": 10000.0, "eps": 1e-6,
+    }  # fmt: skip
+
+
+_CALM_PAPER = (
+    "T. Schuster, A. Fisch, J. Gupta, M. Dehghani, D. Bahri, V. Q. Tran, Y. Tay, D. Metzler, Confident Adaptive "
+    "Language Modeling, NeurIPS 2022 (arXiv 2207.07061)"
+)
+
 _SPEC_PAPER = (
     "Y. Leviathan, M. Kalman, Y. Matias, Fast Inference from Transformers via Speculative Decoding, ICML 2023 "
     "(arXiv 2211.17192)"
@@ -482,6 +535,22 @@ GRADING_TECHNIQUES: dict[str, registry.Technique] = {
         make_case=_qformer_cross_case,
         paper=_BLIP2_PAPER,
         test_sizes=tuple(_QF_CROSS_SIZES),
+        compare="tolerance",
+    ),
+    "grading.calm_margin_exit": registry.Technique(
+        id="grading.calm_margin_exit",
+        reference=calm_margin_exit_reference,
+        make_case=_margin_case,
+        paper=_CALM_PAPER,
+        test_sizes=tuple(_MARGIN_SIZES),
+        compare="exact",
+    ),
+    "grading.calm_copy_kv": registry.Technique(
+        id="grading.calm_copy_kv",
+        reference=calm_copy_kv_reference,
+        make_case=_copy_case,
+        paper=_CALM_PAPER,
+        test_sizes=tuple(_COPY_SIZES),
         compare="tolerance",
     ),
     "grading.speculative_exactness": registry.Technique(

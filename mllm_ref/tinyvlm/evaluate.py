@@ -31,6 +31,15 @@ class EvalResult:
     n_captions: int
     predictions: tuple[str, ...]
     traces: tuple[Trace, ...]
+    caption_predictions: tuple[str, ...] = ()
+    caption_traces: tuple[Trace, ...] = ()
+
+    @property
+    def decode_layers(self) -> float | None:
+        """Mean decoder layers run per decode step, over the questions and the captions (``None`` without decode
+        steps)."""
+        layers = [n for tr in self.traces + self.caption_traces for n in tr.decode_layers]
+        return float(np.mean(layers)) if layers else None
 
     def to_json(self) -> dict:
         return {
@@ -39,6 +48,7 @@ class EvalResult:
             "caption_exact_match": self.caption_exact_match,
             "n": self.n,
             "n_captions": self.n_captions,
+            "decode_layers": self.decode_layers,
         }
 
 
@@ -89,11 +99,13 @@ def evaluate(
         traces.append(gen.trace)
         if progress:
             progress(i + 1, total)
-    cap_hits = []
+    cap_hits, cap_preds, cap_traces = [], [], []
     for j, scene in enumerate(caption_scenes):
         gen = generate(model, world.render(scene), tokenizer.prompt_ids(tokenizer.CAPTION_PROMPT), plugs=plugs,
                        prefill_tokens=split)
         cap_hits.append(gen.text == world.caption(scene))
+        cap_preds.append(gen.text)
+        cap_traces.append(gen.trace)
         if progress:
             progress(len(examples) + j + 1, total)
     by_type = {k: float(np.mean(v)) for k, v in hits.items()}
@@ -105,4 +117,6 @@ def evaluate(
         n_captions=n_captions,
         predictions=tuple(preds),
         traces=tuple(traces),
+        caption_predictions=tuple(cap_preds),
+        caption_traces=tuple(cap_traces),
     )

@@ -56,6 +56,7 @@ from mllm_ref.tinyvlm.plugs import (
     LayerView,
     Plugs,
     PromptInfo,
+    TokenPolicy,
     VisualTokens,
     remap_source,
 )
@@ -329,7 +330,7 @@ def _attend(plugs: Plugs, q, k, v, *, causal: bool, want_weights: bool):
     return fn(q[None], k[None], v[None], causal=causal, return_weights=want_weights)
 
 
-def _decoder_layer(model, plugs, i, x, positions, caches_in, *, causal, want_weights):
+def _decoder_layer(model, plugs, i, x, positions, caches_in, *, causal, want_weights, parallel=None):
     """One decoder layer over ``x[T, D]``; returns the new hidden state, the layer's new k/v and weights.
 
     ``caches_in``: ``(k_past, v_past)`` ``[Hkv, S, d]`` to prepend, ``None`` in the prefill, or a callable
@@ -355,10 +356,13 @@ def _decoder_layer(model, plugs, i, x, positions, caches_in, *, causal, want_wei
             v_all = np.concatenate([caches_in[1], v], axis=1)
         out = _attend(plugs, q, k_all, v_all, causal=causal, want_weights=want_weights)
         a, weights = (out[0][0], out[1][0]) if want_weights else (out[0], None)
-    x = x + _lin(plugs, model, a.transpose(1, 0, 2).reshape(-1, cfg.heads * hd), p + "o")
-    h = rmsnorm(x, model[p + "norm2.weight"], eps=cfg.rms_eps)
-    x = x + _lin(plugs, model, silu(_lin(plugs, model, h, p + "gate")) * _lin(plugs, model, h, p + "up"), p + "down")
-    return x, k, v, weights
+    attn_out = _lin(plugs, model, a.transpose(1, 0, 2).reshape(-1, cfg.heads * hd), p + "o")
+    if parallel is None:
+        parallel = plugs.exit_policy.parallel(i)
+    x_ffn = x if parallel else x + attn_out  # a parallel block feeds its FFN the layer's input, not attention's output
+    h = rmsnorm(x_ffn, model[p + "norm2.weight"], eps=cfg.rms_eps)
+    ffn = _lin(plugs, model, silu(_lin(plugs, model, h, p + "gate")) * _lin(plugs, model, h, p + "up"), p + "down")
+    return x + attn_out + ffn, k, v, weights
 
 
 def logits_from_hidden(model: TinyVLM, hidden: np.ndarray, plugs: Plugs = NONE) -> np.ndarray:
@@ -401,9 +405,22 @@ def prefill(
     layer_tokens = []
     for i in range(cfg.layers):
         want = policy.needs_attention(i) or plugs.kv_policy.needs_attention(i)
-        layer_tokens.append(x.shape[0])
-        x, k, v, weights = _decoder_layer(model, plugs, i, x, positions, None, causal=True, want_weights=want)
-        caches.append(plugs.kv_policy.store(i, k, v, weights, info, positions=positions, n_visual=cur_vis))
+        routed = _route(plugs, i, x, positions)
+        if routed is None:
+            layer_tokens.append(x.shape[0])
+            x, k, v, weights = _decoder_layer(model, plugs, i, x, positions, None, causal=True, want_weights=want)
+            caches.append(plugs.kv_policy.store(i, k, v, weights, info, positions=positions, n_visual=cur_vis))
+        else:  # Mixture-of-Depths: only the routed tokens run this layer and are cached in it
+            if type(policy).in_decoder is not TokenPolicy.in_decoder:
+                raise ValueError("an exit policy that routes prefill tokens cannot be combined with a token policy "
+                                 "that acts inside the decoder")  # fmt: skip
+            layer_tokens.append(int(routed.size))
+            out, k, v, weights = _decoder_layer(model, plugs, i, x[routed], positions[routed], None, causal=True,
+                                                want_weights=want)  # fmt: skip
+            x = x.copy()
+            x[routed] = out
+            caches.append(plugs.kv_policy.store(i, k, v, weights, info, positions=positions[routed],
+                                                n_visual=int(np.count_nonzero(routed < cur_vis))))  # fmt: skip
         if i == cfg.layers - 1:
             break  # nothing runs after the last layer but the LM head on the last token
         out = policy.in_decoder(i, LayerView(x, weights, k, positions, cur_vis, source, info, protected))
@@ -439,14 +456,26 @@ def prefill(
     return logits, state
 
 
+def _route(plugs: Plugs, layer: int, x: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
+    idx = plugs.exit_policy.route(layer, x, positions)
+    if idx is None:
+        return None
+    idx = _checks.int_array(idx, "ExitPolicy.route indices", ndim=1, low=0, high=x.shape[0] - 1)
+    if idx.size == 0 or np.any(np.diff(idx) <= 0):
+        raise ValueError("ExitPolicy.route must return sorted, unique, non-empty token indices")
+    return None if idx.size == x.shape[0] else idx.astype(np.int64)
+
+
 def decode_step(
     model: TinyVLM, state: State, token: int, plugs: Plugs = NONE, trace: Trace | None = None
 ) -> tuple[np.ndarray, State]:
     """Feed one token and return ``(logits[V], new state)``.
 
-    When the exit policy stops the step after layer ``l``, the hidden state of layer ``l`` is passed on as the
-    input of the skipped layers, whose keys and values for this token are computed from it (CALM's state
-    propagation), so later tokens still find a full cache.
+    When the exit policy stops the step after layer ``l`` (or skips a layer), the hidden state the token has is
+    passed on as the input of the layers it does not run, whose keys and values for this token are computed from
+    it (CALM's state propagation), so later tokens still find a full cache; a policy with ``fill_skipped = False``
+    (Mixture-of-Depths) leaves no entry there instead. The logits of an exited token come from the policy's
+    :meth:`~mllm_ref.tinyvlm.plugs.ExitPolicy.exit_logits`.
     """
     t0 = time.perf_counter()
     cfg = model.config
@@ -455,31 +484,36 @@ def decode_step(
     positions = np.array([state.next_position])
     caches = list(state.caches)
     exited_at = None
+    ran = 0
     context = 0
     kv = plugs.kv_policy
+    ep = plugs.exit_policy
     pos = int(state.next_position)
+
+    def logits_fn(h):
+        return logits_from_hidden(model, h, plugs)
+
     for i in range(cfg.layers):
         if i == 0:
             context = kv.length(i, caches[i])
-        if exited_at is None:
+        if exited_at is None and not ep.skip(i, x[0]):
             want = kv.needs_attention(i)
             past = _past(plugs, i, caches[i])
             x, k, v, weights = _decoder_layer(model, plugs, i, x, positions, past, causal=True, want_weights=want)
             caches[i] = kv.extend(i, caches[i], k, v, weights, position=pos)
-            if i < cfg.layers - 1 and plugs.exit_policy.should_exit(
-                i, x[0], lambda h: logits_from_hidden(model, h, plugs)
-            ):
+            ran += 1
+            if i < cfg.layers - 1 and ep.should_exit(i, x[0], logits_fn):
                 exited_at = i
-        else:  # propagate the exited hidden state into this layer's cache
+        elif ep.fill_skipped:  # propagate the hidden state the token has into this layer's cache
             h = rmsnorm(x, model[f"dec.{i}.norm1.weight"], eps=cfg.rms_eps)
             k = _lin(plugs, model, h, f"dec.{i}.k").reshape(-1, cfg.kv_heads, cfg.head_dim).transpose(1, 0, 2)
             v = _lin(plugs, model, h, f"dec.{i}.v").reshape(-1, cfg.kv_heads, cfg.head_dim).transpose(1, 0, 2)
             caches[i] = kv.extend(i, caches[i], rope(k, positions, theta=cfg.rope_theta), v, None, position=pos)
-    logits = logits_from_hidden(model, x[0], plugs)
+    logits = logits_fn(x[0]) if exited_at is None else np.asarray(ep.exit_logits(exited_at, x[0], logits_fn))
     new_state = replace(state, caches=tuple(caches), next_position=state.next_position + 1, hidden=x[0])
     if trace is not None:
         trace.decode_context.append(context)
-        trace.decode_layers.append(cfg.layers if exited_at is None else exited_at + 1)
+        trace.decode_layers.append(ran)
         trace.kv_bytes = sum(plugs.kv_policy.nbytes(c) for c in caches)
         t1 = time.perf_counter()
         trace.decode_seconds += t1 - t0

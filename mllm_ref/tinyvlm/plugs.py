@@ -9,7 +9,8 @@ plug           called                                            typical techniq
 token_policy   after the connector, and after each decoder       pooling, merging (ToMe), pruning (FastV
                layer of the prefill                              at layer K), text-guided dropping
 kv_policy      when a layer stores, extends and reads its cache  KV quantization, eviction, paging
-exit_policy    after each decoder layer of a decode step         early exit (CALM), layer skipping
+exit_policy    around each decoder layer (skip, route, exit)     early exit (CALM), layer skipping,
+                                                                 Mixture-of-Depths, parallel blocks
 linear         for every linear layer, with the parameter name   quantized / pruned / low-rank weights
 attention      for every decoder attention call                  sparse or windowed attention
 decoding       to turn the last logits into the next token       sampling; speculative decoding drives
@@ -305,13 +306,42 @@ class KVPolicy:
 
 
 class ExitPolicy:
-    """Decides whether a decode step stops before the last layer. The base class never exits."""
+    """The depth plug: how many decoder layers a token runs, and how. The base class runs every layer.
+
+    In a decode step, for each layer in order: :meth:`skip` may pass the token over the layer (its hidden state
+    unchanged); after a layer it ran, :meth:`should_exit` may stop the step, and :meth:`exit_logits` gives the
+    token's logits from the exit hidden state. A token that skips or exits leaves keys and values for the layers it
+    did not run computed from the hidden state it had (CALM's state propagation), unless :attr:`fill_skipped` is
+    false, in which case it leaves none there (Mixture-of-Depths: an unprocessed token is not a key of that layer).
+    In the prefill, :meth:`route` may process only some tokens in a layer (the others pass through it and are not
+    cached there), and :meth:`parallel` may run a layer as a parallel block (attention and FFN from one input).
+    """
 
     name = "none"
+    #: keys and values for skipped layers come from the token's hidden state (True) or are not stored (False)
+    fill_skipped = True
 
     def should_exit(self, layer: int, hidden: np.ndarray, logits_fn: Callable[[np.ndarray], np.ndarray]) -> bool:
         """After decode layer ``layer`` (0-based): ``hidden`` is ``float32[D]`` of the new token; ``logits_fn``
         maps a hidden state to vocabulary logits through the final norm and LM head."""
+        return False
+
+    def exit_logits(self, layer: int, hidden: np.ndarray, logits_fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """The logits of a token that exits after ``layer`` (default: the final norm and LM head on its hidden
+        state; a policy with trained exit heads returns theirs)."""
+        return logits_fn(hidden)
+
+    def skip(self, layer: int, hidden: np.ndarray) -> bool:
+        """Whether a decode token with hidden state ``hidden`` ``float32[D]`` passes over ``layer``."""
+        return False
+
+    def route(self, layer: int, x: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
+        """In the prefill: the sorted indices ``int[K]`` of the tokens of ``x`` ``float32[T, D]`` that ``layer``
+        processes, or ``None`` for all of them."""
+        return None
+
+    def parallel(self, layer: int) -> bool:
+        """Whether ``layer`` runs as a parallel block: ``x + attention(norm1(x)) + FFN(norm2(x))``."""
         return False
 
 

@@ -5,7 +5,9 @@ A model-level technique is registered with ``model_level=True`` and, in ``extra`
 that setting (e.g. ``"K=2, R=50%"``). A connector is a different model rather than a plug: it gives instead
 ``"variants"``: a callable ``variants(model) -> [(setting, variant model)]`` (the trained connector variants of
 :mod:`mllm_ref.tinyvlm.variants`), one row each. A technique with several settings worth a row each (KIVI at 2 and
-4 bits) gives ``"rows"``: a callable ``rows(model) -> [(setting, plugs)]``.
+4 bits) gives ``"rows"``: a callable ``rows(model) -> [(setting, plugs)]``; one that runs another model with plugs
+(MatFormer's fine-tuned FFNs at several widths) gives ``"model_rows"``: ``model_rows(model) -> [(setting, model,
+plugs)]``.
 
 A KV-cache technique sets ``"question_after_image": True``: its rows are evaluated with the image and ``<bos>``
 prefilled and compressed first and the question read through the compressed cache
@@ -21,10 +23,11 @@ Each row evaluates the held-out set and reports accuracy and cost, each cost als
 - ``prefill_flops``: FLOPs of the encoder, the connector and the decoder prefill, from the tokens each layer
   actually processed (:mod:`mllm_ref.system.complexity`), averaged over the held-out questions;
 - ``llm_prefill_flops``: the decoder's share of it (what FastV and most token-dropping papers count);
-- ``kv_bytes``: bytes held by the KV caches at the end of each request (mean);
-- ``decode_tps``: decode tokens per second of wall time (captions give most of the decode steps);
+- ``kv_bytes``: bytes held by the KV caches at the end of each request (mean over the questions);
+- ``decode_tps``: decode tokens per second of wall time, over the questions and the captions (captions give most of
+  the decode steps);
 - ``wall``: total wall time of the evaluation;
-- ``layers``: decoder layers run per decode step (mean);
+- ``layers``: decoder layers run per decode step (mean, questions and captions);
 - ``identical_output``: whether every answer and caption equals the baseline's;
 - ``acceptance_rate``, ``accepted_per_call``, ``tokens_per_call``: for a speculative decoding strategy, the share of
   drafted tokens the target accepted, the accepted draft tokens per target forward in decoding, and the tokens
@@ -75,12 +78,13 @@ def figures(model: TinyVLM, result: EvalResult, wall: float) -> dict:
         dec = prefill_cost(spec, tr.n_visual, tr.n_prompt, layer_tokens=tr.layer_tokens).flops
         llm.append(dec)
         prefill.append(enc + conn + dec)
-    steps = sum(len(tr.decode_layers) for tr in result.traces)
-    decode_seconds = sum(tr.decode_seconds for tr in result.traces)
-    layers = [n for tr in result.traces for n in tr.decode_layers]
-    calls = sum(tr.target_calls for tr in result.traces)
-    drafted = sum(tr.drafted for tr in result.traces)
-    accepted = sum(tr.accepted for tr in result.traces)
+    every = result.traces + result.caption_traces  # decoding figures: questions and captions
+    steps = sum(len(tr.decode_layers) for tr in every)
+    decode_seconds = sum(tr.decode_seconds for tr in every)
+    layers = [n for tr in every for n in tr.decode_layers]
+    calls = sum(tr.target_calls for tr in every)
+    drafted = sum(tr.drafted for tr in every)
+    accepted = sum(tr.accepted for tr in every)
     return {
         "acceptance_rate": accepted / drafted if drafted else None,
         "tokens_per_call": (accepted + calls) / calls if calls else None,
@@ -119,6 +123,9 @@ def run_tour(
         elif "rows" in tech.extra:
             for setting, plugs in tech.extra["rows"](model):
                 entries.append((tech.id, setting, plugs, model, after))
+        elif "model_rows" in tech.extra:  # another model (e.g. MatFormer's fine-tuned FFNs) with its plugs
+            for setting, row_model, plugs in tech.extra["model_rows"](model):
+                entries.append((tech.id, setting, plugs, row_model, after))
         else:
             entries.append((tech.id, tech.extra.get("setting", "default"), tech.extra["plugs"](model), model, after))
     rows, bases = [], {}
@@ -128,7 +135,7 @@ def run_tour(
         result = evaluate(row_model, n_per_type, n_captions=n_captions, plugs=plugs, progress=cb,
                           question_after_image=after)  # fmt: skip
         fig = figures(row_model, result, time.perf_counter() - t0)
-        preds = result.predictions
+        preds = result.predictions + result.caption_predictions
         if after not in bases:
             bases[after] = (fig, preds)
         base, base_preds = bases[after]
