@@ -179,7 +179,7 @@ class MedusaDecoding(DecodingStrategy):
 
 
 # ----------------------------------------------------------------------------------------------- registration
-_SIZES = {"tiny": (1, 4, 2, 5), "small": (3, 8, 16, 42), "tinyvlm": (3, 1, 128, 42), "vicuna": (5, 16, 4096, 32000)}
+_SIZES = {"tiny": (1, 4, 2, 5), "small": (3, 8, 16, 42), "tinyvlm": (3, 1, 128, 42), "large": (4, 8, 1024, 8000)}
 
 
 def _case(size: str, rng: np.random.Generator) -> dict:
@@ -207,7 +207,7 @@ register(
             "Framework with Multiple Decoding Heads, ICML 2024 (arXiv 2401.10774)"
         ),
         test_sizes=("tiny", "small", "tinyvlm"),
-        bench_sizes=("vicuna",),
+        bench_sizes=("large",),
         chapter="book/05-speculative-decoding.md",
         model_level=True,
         notes="Medusa-1 (target frozen), 3 heads, greedy tree verification over a fixed 11-candidate tree",

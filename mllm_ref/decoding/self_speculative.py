@@ -175,7 +175,7 @@ class SelfSpeculative(DecodingStrategy):
 
 
 # ----------------------------------------------------------------------------------------------- registration
-_SIZES = {"tiny": (1, 4, 5), "small": (6, 128, 42), "llama": (8, 4096, 32000)}
+_SIZES = {"tiny": (1, 4, 5), "small": (6, 128, 42), "large": (8, 2048, 16000)}
 
 
 def _case(size: str, rng: np.random.Generator) -> dict:
@@ -204,7 +204,7 @@ register(
             "(arXiv 2404.16710)"
         ),
         test_sizes=("tiny", "small"),
-        bench_sizes=("llama",),
+        bench_sizes=("large",),
         chapter="book/05-speculative-decoding.md",
         model_level=True,
         notes="trained per-layer exit heads on the frozen model (not LayerSkip's training recipe); draft KV reused",

@@ -117,7 +117,7 @@ def matformer_plugs(model: vlm.TinyVLM, granularity) -> Plugs:
 
 
 # ----------------------------------------------------------------------------------------------- registration
-_SIZES = {"tiny": (3, 4, 8, 2), "tinyvlm": (16, 128, 352, 88), "gemma": (64, 2048, 16384, 8192)}
+_SIZES = {"tiny": (3, 4, 8, 2), "tinyvlm": (16, 128, 352, 88), "gemma": (64, 2048, 8192, 4096)}
 
 
 def _case(size: str, rng: np.random.Generator) -> dict:
