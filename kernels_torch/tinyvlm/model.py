@@ -74,10 +74,8 @@ class DecoderBlock(nn.Module):
         self.up = nn.Linear(d, cfg.ffn_dim, bias=False)
         self.down = nn.Linear(cfg.ffn_dim, d, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, probe: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """One layer. With ``probe``, also the log attention weights ``[B, T, T]`` of head 0 (for training)."""
+    def attention_half(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
+        """``x + o(attention(norm1(x)))``, and the rotated queries and (repeated) keys ``[B, H, T, d]``."""
         cfg = self.cfg
         b, t, d = x.shape
         h = self.norm1(x)
@@ -88,9 +86,23 @@ class DecoderBlock(nn.Module):
         rep = cfg.heads // cfg.kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-        x = x + self.o(a.transpose(1, 2).reshape(b, t, cfg.heads * cfg.head_dim))
+        return x + self.o(a.transpose(1, 2).reshape(b, t, cfg.heads * cfg.head_dim)), q, k
+
+    def ffn_half(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """``x + FFN(norm2(x))``; with ``width``, only the FFN's first ``width`` hidden units (MatFormer)."""
         h = self.norm2(x)
-        x = x + self.down(F.silu(self.gate(h)) * self.up(h))
+        if width is None:
+            return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        g, u = F.linear(h, self.gate.weight[:width]), F.linear(h, self.up.weight[:width])
+        return x + F.linear(F.silu(g) * u, self.down.weight[:, :width])
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, probe: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One layer. With ``probe``, also the log attention weights ``[B, T, T]`` of head 0 (for training)."""
+        cfg = self.cfg
+        x, q, k = self.attention_half(x, positions, mask)
+        x = self.ffn_half(x)
         if not probe:
             return x
         scores = (q[:, 0] @ k[:, 0].transpose(-1, -2)) / math.sqrt(cfg.head_dim)

@@ -139,6 +139,14 @@ def _kl(student_logits, teacher_logits, where):
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
+def record_step(history: list, step: int, steps: int, loss, metrics: dict, start: float, log) -> None:
+    """Append the step's loss and metrics to ``history`` and log them with the elapsed time."""
+    elapsed = time.perf_counter() - start
+    history.append({"step": step, "loss": float(loss.detach()), **metrics, "seconds": round(elapsed, 1)})
+    log(f"step {step:5d}/{steps}  loss {float(loss.detach()):.4f}  "
+        + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f"  {elapsed:.0f}s")  # fmt: skip
+
+
 def train(kind: str, steps: int, batch: int, n_questions: int, lr: float, seed: int, threads: int, layers: int,
           heads: int, log=print):  # fmt: skip
     torch.manual_seed(seed)
@@ -235,10 +243,7 @@ def train(kind: str, steps: int, batch: int, n_questions: int, lr: float, seed: 
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps:
-            elapsed = time.perf_counter() - start
-            history.append({"step": step, "loss": float(loss.detach()), **metrics, "seconds": round(elapsed, 1)})
-            log(f"step {step:5d}/{steps}  loss {float(loss.detach()):.4f}  "
-                + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f"  {elapsed:.0f}s")  # fmt: skip
+            record_step(history, step, steps, loss, metrics, start, log)
     info = {
         "kind": kind,
         "base_sha256": manifest["sha256"],

@@ -37,38 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels_torch.tinyvlm.model import TinyVLM, rope
+from kernels_torch.tinyvlm.model import TinyVLM
 from kernels_torch.tinyvlm.train import make_batch
-from kernels_torch.tinyvlm.train_decoding import load_target
+from kernels_torch.tinyvlm.train_decoding import load_target, record_step
 from mllm_ref.tinyvlm.model import WEIGHTS_DIR
 
 DYNAMIC_DIR = WEIGHTS_DIR / "dynamic"
 STEPS = {"matformer": 500, "mod": 500}
 MATFORMER_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 MOD_LAYERS = tuple(range(1, 12, 2))
-
-
-def attention_part(blk, x, positions, mask):
-    """The attention half of a decoder block: ``x + o(attention(norm1(x)))``."""
-    cfg = blk.cfg
-    b, t, d = x.shape
-    h = blk.norm1(x)
-    q = blk.q(h).view(b, t, cfg.heads, cfg.head_dim).transpose(1, 2)
-    k = blk.k(h).view(b, t, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-    v = blk.v(h).view(b, t, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    rep = cfg.heads // cfg.kv_heads
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-    return x + blk.o(a.transpose(1, 2).reshape(b, t, cfg.heads * cfg.head_dim))
-
-
-def ffn_part(blk, x, width: int):
-    """The FFN half with only its first ``width`` hidden units: ``x + down[:, :m](silu(gate[:m] h) * up[:m] h)``."""
-    h = blk.norm2(x)
-    g = F.linear(h, blk.gate.weight[:width])
-    u = F.linear(h, blk.up.weight[:width])
-    return x + F.linear(F.silu(g) * u, blk.down.weight[:, :width])
 
 
 def inputs(model: TinyVLM, imgs, tokens, positions):
@@ -108,7 +85,7 @@ def train_matformer(model, reference, steps, batch, n_questions, lr, rng, log):
         for name, per_layer in draws.items():
             x, pos, n = inputs(model, imgs, tokens, positions)
             for blk, m in zip(model.dec, per_layer):
-                x = ffn_part(blk, attention_part(blk, x, pos, mask), m)
+                x = blk.ffn_half(blk.attention_half(x, pos, mask)[0], m)
             logits = model.lm_head(model.norm(x))[:, n:]
             loss = loss + F.cross_entropy(logits[sup], targets[sup]) + _kl(logits, teacher, sup)
             metrics[f"{name}_top1"] = float((logits[sup].argmax(-1) == targets[sup]).float().mean())
@@ -118,10 +95,7 @@ def train_matformer(model, reference, steps, batch, n_questions, lr, rng, log):
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps:
-            elapsed = time.perf_counter() - start
-            history.append({"step": step, "loss": float(loss.detach()), **metrics, "seconds": round(elapsed, 1)})
-            log(f"step {step:5d}/{steps}  loss {float(loss.detach()):.4f}  "
-                + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f"  {elapsed:.0f}s")  # fmt: skip
+            record_step(history, step, steps, loss, metrics, start, log)
     state = {}
     for i, blk in enumerate(model.dec):
         for name in ("gate", "up", "down"):
@@ -178,10 +152,7 @@ def train_mod(model, steps, batch, n_questions, lr, rng, log, capacity: float):
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps:
-            elapsed = time.perf_counter() - start
-            history.append({"step": step, "loss": float(loss.detach()), **metrics, "seconds": round(elapsed, 1)})
-            log(f"step {step:5d}/{steps}  loss {float(loss.detach()):.4f}  "
-                + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f"  {elapsed:.0f}s")  # fmt: skip
+            record_step(history, step, steps, loss, metrics, start, log)
     state = {}
     for j, i in enumerate(MOD_LAYERS):
         state[f"mod.{i}.router.weight"] = mod.router[j].weight.detach().numpy()[0].astype(np.float32)
