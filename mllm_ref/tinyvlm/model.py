@@ -330,7 +330,7 @@ def _attend(plugs: Plugs, q, k, v, *, causal: bool, want_weights: bool):
     return fn(q[None], k[None], v[None], causal=causal, return_weights=want_weights)
 
 
-def _decoder_layer(model, plugs, i, x, positions, caches_in, *, causal, want_weights, parallel=None):
+def _decoder_layer(model, plugs, i, x, positions, caches_in, *, causal, want_weights):
     """One decoder layer over ``x[T, D]``; returns the new hidden state, the layer's new k/v and weights.
 
     ``caches_in``: ``(k_past, v_past)`` ``[Hkv, S, d]`` to prepend, ``None`` in the prefill, or a callable
@@ -357,9 +357,8 @@ def _decoder_layer(model, plugs, i, x, positions, caches_in, *, causal, want_wei
         out = _attend(plugs, q, k_all, v_all, causal=causal, want_weights=want_weights)
         a, weights = (out[0][0], out[1][0]) if want_weights else (out[0], None)
     attn_out = _lin(plugs, model, a.transpose(1, 0, 2).reshape(-1, cfg.heads * hd), p + "o")
-    if parallel is None:
-        parallel = plugs.exit_policy.parallel(i)
-    x_ffn = x if parallel else x + attn_out  # a parallel block feeds its FFN the layer's input, not attention's output
+    # a parallel block (the exit policy's choice) feeds its FFN the layer's input, not the attention's output
+    x_ffn = x if plugs.exit_policy.parallel(i) else x + attn_out
     h = rmsnorm(x_ffn, model[p + "norm2.weight"], eps=cfg.rms_eps)
     ffn = _lin(plugs, model, silu(_lin(plugs, model, h, p + "gate")) * _lin(plugs, model, h, p + "up"), p + "down")
     return x + attn_out + ffn, k, v, weights
