@@ -25,8 +25,6 @@ Deviations from the paper: greedy verification only (no typical acceptance); the
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ from mllm_ref.nn.rmsnorm import rmsnorm
 from mllm_ref.oracle.registry import Technique, register
 from mllm_ref.tinyvlm import model as vlm
 from mllm_ref.tinyvlm import tokenizer
-from mllm_ref.tinyvlm.plugs import DecodingStrategy, Plugs
+from mllm_ref.tinyvlm.plugs import DecodingStrategy
 
 #: Candidate paths: each tuple gives, per depth, which of that head's top tokens to take (0 the most likely).
 DEFAULT_TREE: tuple[tuple[int, ...], ...] = (
@@ -121,15 +119,11 @@ class MedusaHeads:
 def load_heads(path: str | Path | None = None) -> MedusaHeads:
     """The bundled Medusa heads (``weights/decoding/medusa``), read without pickle and checked by sha256."""
     folder = vlm.WEIGHTS_DIR / "decoding" / "medusa" if path is None else Path(path)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    data = (folder / manifest["weights_file"]).read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{folder} weights do not match the sha256 in its manifest")
-    with np.load(folder / manifest["weights_file"], allow_pickle=False) as npz:
-        k = int(manifest["heads"])
-        fc_w = np.stack([npz[f"medusa.{j}.fc.weight"] for j in range(k)]).astype(np.float32)
-        fc_b = np.stack([npz[f"medusa.{j}.fc.bias"] for j in range(k)]).astype(np.float32)
-        head = np.stack([npz[f"medusa.{j}.lm_head.weight"] for j in range(k)]).astype(np.float32)
+    manifest, npz = vlm.read_weights(folder, train="python -m kernels_torch.tinyvlm.train_decoding --kind medusa")
+    k = int(manifest["heads"])
+    fc_w = np.stack([npz[f"medusa.{j}.fc.weight"] for j in range(k)]).astype(np.float32)
+    fc_b = np.stack([npz[f"medusa.{j}.fc.bias"] for j in range(k)]).astype(np.float32)
+    head = np.stack([npz[f"medusa.{j}.lm_head.weight"] for j in range(k)]).astype(np.float32)
     return MedusaHeads(fc_w, fc_b, head, manifest)
 
 
@@ -143,8 +137,6 @@ class MedusaDecoding(DecodingStrategy):
 
     name = "medusa"
 
-    def plugs(self) -> Plugs:
-        return Plugs(decoding=self)
 
     def run(self, model, state, logits, *, prompt_ids, max_new_tokens, plugs, rng, trace) -> list[int]:
         if state.hidden is None:

@@ -29,15 +29,13 @@ way. The drafter shares no weights with the target (its embedding and LM head ar
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mllm_ref import _checks
-from mllm_ref.decoding._model import Stack, embed, feed, run_layers
+from mllm_ref.decoding._model import Stack, embed, empty_stack, feed, run_layers
 from mllm_ref.oracle.registry import Technique, register
 from mllm_ref.tinyvlm import model as vlm
 from mllm_ref.tinyvlm.config import TinyVLMConfig
@@ -70,16 +68,8 @@ def drafter_inputs(visual: np.ndarray, text: np.ndarray, *, use_visual: bool = T
 def load_drafter_model(path: str | Path | None = None) -> vlm.TinyVLM:
     """The trained draft decoder (``weights/decoding/draft``) as a decoder-only :class:`TinyVLM` value."""
     folder = DECODING_WEIGHTS / "draft" if path is None else Path(path)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {folder}; train it with "
-                                "python -m kernels_torch.tinyvlm.train_decoding --kind draft")  # fmt: skip
-    manifest = json.loads(manifest_path.read_text())
-    data = (folder / manifest["weights_file"]).read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{folder} weights do not match the sha256 in its manifest")
-    with np.load(folder / manifest["weights_file"], allow_pickle=False) as npz:
-        params = {k: npz[k].astype(np.float32) for k in npz.files}
+    manifest, arrays = vlm.read_weights(folder, train="python -m kernels_torch.tinyvlm.train_decoding --kind draft")
+    params = {k: a.astype(np.float32) for k, a in arrays.items()}
     return vlm.TinyVLM(TinyVLMConfig.from_dict(manifest["config"]), params, manifest)
 
 
@@ -100,10 +90,7 @@ class Drafter:
             raise ValueError("the prefill's PromptInfo must carry the decoder inputs (the visual tokens)")
         ids = np.asarray(prompt_ids, dtype=np.int64)
         x, positions = drafter_inputs(info.inputs[: info.n_visual], embed(self.model, ids), use_visual=self.use_visual)
-        cfg = self.model.config
-        empty = np.zeros((cfg.kv_heads, 0, cfg.head_dim), dtype=np.float32)
-        stack = Stack((empty,) * cfg.layers, (empty,) * cfg.layers)
-        _, stack = run_layers(self.model, stack, x, positions)
+        _, stack = run_layers(self.model, empty_stack(self.model), x, positions)
         return stack
 
     def feed(self, stack: Stack, tokens, start: int) -> tuple[np.ndarray, Stack]:

@@ -36,7 +36,7 @@ from mllm_ref import _checks
 from mllm_ref.nn.softmax import softmax
 from mllm_ref.oracle.registry import Technique, register
 from mllm_ref.tinyvlm import tokenizer
-from mllm_ref.tinyvlm.plugs import DecodingStrategy, Plugs
+from mllm_ref.tinyvlm.plugs import DecodingStrategy
 
 
 def _settings(temperature, top_k, top_p) -> tuple[float, int, float]:
@@ -137,8 +137,6 @@ class PlainDecoding(DecodingStrategy):
 
     name = "plain"
 
-    def plugs(self) -> Plugs:
-        return Plugs(decoding=self)
 
     def run(self, model, state, logits, *, prompt_ids, max_new_tokens, plugs, rng, trace) -> list[int]:
         from mllm_ref.decoding._model import feed, stack_from_state

@@ -28,8 +28,6 @@ and shared head; greedy verification only.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,7 @@ from mllm_ref.nn.rmsnorm import rmsnorm
 from mllm_ref.oracle.registry import Technique, register
 from mllm_ref.tinyvlm import model as vlm
 from mllm_ref.tinyvlm import tokenizer
-from mllm_ref.tinyvlm.plugs import DecodingStrategy, Plugs
+from mllm_ref.tinyvlm.plugs import DecodingStrategy
 
 
 def early_exit_logits(hidden: np.ndarray, norm_weight: np.ndarray, head_weight: np.ndarray, *, eps: float = 1e-6) -> np.ndarray:
@@ -102,18 +100,14 @@ def load_exit_heads(path: str | Path | None = None, kind: str = "exits") -> Exit
     """The bundled exit heads (``weights/decoding/exits``, or LayerSkip's single shared head with
     ``kind="shared-exit"``), read without pickle and checked by sha256."""
     folder = vlm.WEIGHTS_DIR / "decoding" / kind if path is None else Path(path)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    data = (folder / manifest["weights_file"]).read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{folder} weights do not match the sha256 in its manifest")
-    with np.load(folder / manifest["weights_file"], allow_pickle=False) as npz:
-        n = len([f for f in npz.files if f.endswith(".norm.weight")])
-        norm = tuple(npz[f"exit.{i}.norm.weight"].astype(np.float32) for i in range(n))
-        head = tuple(npz[f"exit.{i}.lm_head.weight"].astype(np.float32) for i in range(n))
-        classifier = ()
-        if "exit.0.confidence.weight" in npz.files:
-            classifier = tuple((npz[f"exit.{i}.confidence.weight"][0].astype(np.float64),
-                                float(npz[f"exit.{i}.confidence.bias"][0])) for i in range(n))  # fmt: skip
+    manifest, npz = vlm.read_weights(folder, train=f"python -m kernels_torch.tinyvlm.train_decoding --kind {kind}")
+    n = len([f for f in npz if f.endswith(".norm.weight")])
+    norm = tuple(npz[f"exit.{i}.norm.weight"].astype(np.float32) for i in range(n))
+    head = tuple(npz[f"exit.{i}.lm_head.weight"].astype(np.float32) for i in range(n))
+    classifier = ()
+    if "exit.0.confidence.weight" in npz:
+        classifier = tuple((npz[f"exit.{i}.confidence.weight"][0].astype(np.float64),
+                            float(npz[f"exit.{i}.confidence.bias"][0])) for i in range(n))  # fmt: skip
     return ExitHeads(norm, head, 1e-6, manifest, classifier)
 
 
@@ -132,8 +126,6 @@ class SelfSpeculative(DecodingStrategy):
         _checks.integer(self.exit_layers, "exit_layers", low=1, high=None if self.heads.shared else len(self.heads.norm))
         _checks.integer(self.k, "k", low=1)
 
-    def plugs(self) -> Plugs:
-        return Plugs(decoding=self)
 
     def run(self, model, state, logits, *, prompt_ids, max_new_tokens, plugs, rng, trace) -> list[int]:
         e, layers = self.exit_layers, model.config.layers

@@ -43,7 +43,7 @@ from mllm_ref.decoding._model import feed, finish, stack_from_state
 from mllm_ref.decoding.sampling import Sampler, sample_from
 from mllm_ref.oracle.registry import Technique, register
 from mllm_ref.tinyvlm import tokenizer
-from mllm_ref.tinyvlm.plugs import DecodingStrategy, Plugs
+from mllm_ref.tinyvlm.plugs import DecodingStrategy
 
 
 def _dist(x, name: str) -> np.ndarray:
@@ -178,8 +178,6 @@ class SpeculativeDecoding(DecodingStrategy):
         if not isinstance(self.sampler, Sampler):
             raise TypeError(f"sampler must be a Sampler, got {type(self.sampler).__name__}")
 
-    def plugs(self) -> Plugs:
-        return Plugs(decoding=self)
 
     def run(self, model, state, logits, *, prompt_ids, max_new_tokens, plugs, rng, trace) -> list[int]:
         from mllm_ref.decoding.speculative_greedy import greedy_verify

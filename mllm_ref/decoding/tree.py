@@ -156,8 +156,6 @@ class TreeSpeculative(DecodingStrategy):
         for w in self.widths:
             _checks.integer(w, "widths", low=1)
 
-    def plugs(self) -> Plugs:
-        return Plugs(decoding=self)
 
     def draft_tree(self, dstack: Stack, root: int, start: int) -> tuple[list[int], list[int]]:
         """Tokens and parents of the tree grown from ``root`` (at position ``start``) by the drafter."""

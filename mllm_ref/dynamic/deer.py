@@ -96,8 +96,6 @@ class DeeRExit(ExitPolicy):
 
     name = "deer"
 
-    def plugs(self) -> Plugs:
-        return Plugs(exit_policy=self)
 
     def should_exit(self, layer, hidden, logits_fn) -> bool:
         logits = self.heads.logits(layer, hidden)
@@ -117,10 +115,12 @@ def calibration_distances(model, heads, n_scenes: int = 8, seed: int = 424242) -
     from mllm_ref.tinyvlm import tokenizer, world
     from mllm_ref.tinyvlm.model import decode_step, prefill
 
+    from mllm_ref.dynamic.early_exit import HiddenRecorder
+
     rows = []
     rng = np.random.default_rng(seed)
-    collect = _Collect(heads)
-    plugs = Plugs(exit_policy=collect)
+    rec = HiddenRecorder()
+    plugs = Plugs(exit_policy=rec)
     for _ in range(n_scenes):
         scene = world.make_scene(rng)
         image = world.render(scene)
@@ -130,21 +130,10 @@ def calibration_distances(model, heads, n_scenes: int = 8, seed: int = 424242) -
         for ids in prompts:
             _, state = prefill(model, image, ids[:1])
             for t in ids[1:]:
-                collect.rows.clear()
+                rec.hidden.clear()
                 _, state = decode_step(model, state, int(t), plugs)
-                rows.append(exit_distances(np.stack(collect.rows)))
+                rows.append(exit_distances(np.stack([heads.logits(j, h) for j, h in enumerate(rec.hidden)])))
     return np.stack(rows)
-
-
-class _Collect(ExitPolicy):
-    """Records every layer's exit logits of a decode step (for calibration); never exits."""
-
-    def __init__(self, heads):
-        self.heads, self.rows = heads, []
-
-    def should_exit(self, layer, hidden, logits_fn) -> bool:
-        self.rows.append(self.heads.logits(layer, hidden))
-        return False
 
 
 def calibrate(model, heads, budget: float, n_scenes: int = 8) -> DeeRExit:

@@ -187,8 +187,6 @@ class EarlyExit(ExitPolicy):
         _checks.integer(self.patience, "patience", low=1)
         _checks.integer(self.min_layer, "min_layer", low=0)
 
-    def plugs(self) -> Plugs:
-        return Plugs(exit_policy=self)
 
     def should_exit(self, layer, hidden, logits_fn) -> bool:
         if layer == 0:
@@ -216,8 +214,9 @@ class EarlyExit(ExitPolicy):
         return self.heads.logits(layer, hidden)
 
 
-class _Record(ExitPolicy):
-    """Records every layer's hidden state of a decode step; never exits."""
+class HiddenRecorder(ExitPolicy):
+    """Records the hidden state after every layer of a decode step (clear ``hidden`` between steps); never exits.
+    :func:`exit_trace` and DeeR's calibration read the exits from it."""
 
     def __init__(self):
         self.hidden: list[np.ndarray] = []
@@ -240,7 +239,7 @@ def exit_trace(model, heads, image: np.ndarray, prompt_ids, *, max_new_tokens: i
     from mllm_ref.tinyvlm.model import decode_step, prefill
 
     ids = [int(t) for t in prompt_ids]
-    rec = _Record()
+    rec = HiddenRecorder()
     plugs = Plugs(exit_policy=rec)
     logits, state = prefill(model, image, ids[:1])
     fed, hidden, logit_rows, score_rows = [], [], [], []

@@ -29,7 +29,7 @@ import numpy as np
 
 from mllm_ref import _checks
 from mllm_ref.oracle.registry import Technique, register
-from mllm_ref.tinyvlm.plugs import ExitPolicy, Plugs
+from mllm_ref.tinyvlm.plugs import ExitPolicy
 
 
 def skipped_layers(layers: int, *, interval: int = 2, start: int = 2) -> np.ndarray:
@@ -56,8 +56,6 @@ class StaticSkip(ExitPolicy):
     def __post_init__(self):
         self._skip = skipped_layers(self.layers, interval=self.interval, start=self.start)
 
-    def plugs(self) -> Plugs:
-        return Plugs(exit_policy=self)
 
     def skip(self, layer, hidden) -> bool:
         return bool(self._skip[layer])
@@ -74,8 +72,6 @@ class SharedHeadExit(ExitPolicy):
 
     name = "layer_skip_exit"
 
-    def plugs(self) -> Plugs:
-        return Plugs(exit_policy=self)
 
     def should_exit(self, layer, hidden, logits_fn) -> bool:
         return layer == self.exit_layer

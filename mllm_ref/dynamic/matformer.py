@@ -25,8 +25,6 @@ instead of summing all four granularities; the fine-tuned FFN weights ship in fl
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -95,16 +93,12 @@ def load_matformer(model: vlm.TinyVLM | None = None, path: str | Path | None = N
     """The tiny VLM with its FFN weights replaced by the MatFormer-trained ones (``weights/dynamic/matformer``)."""
     base = vlm.load() if model is None else model
     folder = vlm.WEIGHTS_DIR / "dynamic" / "matformer" if path is None else Path(path)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    data = (folder / manifest["weights_file"]).read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{folder} weights do not match the sha256 in its manifest")
+    manifest, npz = vlm.read_weights(folder, train="python -m kernels_torch.tinyvlm.train_dynamic --kind matformer")
     params = dict(base.params)
-    with np.load(folder / manifest["weights_file"], allow_pickle=False) as npz:
-        for k in npz.files:
-            if k not in params or params[k].shape != npz[k].shape:
-                raise ValueError(f"MatFormer weight {k} does not fit the base model")
-            params[k] = npz[k].astype(np.float32)
+    for k, a in npz.items():
+        if k not in params or params[k].shape != a.shape:
+            raise ValueError(f"MatFormer weight {k} does not fit the base model")
+        params[k] = a.astype(np.float32)
     return replace(base, params=params, manifest={**base.manifest, "matformer": manifest})
 
 

@@ -27,8 +27,6 @@ top-k.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,7 @@ from mllm_ref import _checks
 from mllm_ref.nn.activations import silu
 from mllm_ref.oracle.registry import Technique, register
 from mllm_ref.tinyvlm import model as vlm
-from mllm_ref.tinyvlm.plugs import ExitPolicy, Plugs
+from mllm_ref.tinyvlm.plugs import ExitPolicy
 
 
 def mod_route(scores: np.ndarray, capacity: float) -> np.ndarray:
@@ -81,16 +79,12 @@ class Routers:
 def load_routers(path: str | Path | None = None) -> Routers:
     """The bundled routers (``weights/dynamic/mod``), read without pickle and checked by sha256."""
     folder = vlm.WEIGHTS_DIR / "dynamic" / "mod" if path is None else Path(path)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    data = (folder / manifest["weights_file"]).read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{folder} weights do not match the sha256 in its manifest")
+    manifest, npz = vlm.read_weights(folder, train="python -m kernels_torch.tinyvlm.train_dynamic --kind mod")
     router, predictor = {}, {}
-    with np.load(folder / manifest["weights_file"], allow_pickle=False) as npz:
-        for i in manifest["layers"]:
-            router[i] = (npz[f"mod.{i}.router.weight"].astype(np.float32), float(npz[f"mod.{i}.router.bias"][0]))
-            predictor[i] = tuple(npz[f"mod.{i}.predictor.{n}"].astype(np.float32)
-                                 for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))  # fmt: skip
+    for i in manifest["layers"]:
+        router[i] = (npz[f"mod.{i}.router.weight"].astype(np.float32), float(npz[f"mod.{i}.router.bias"][0]))
+        predictor[i] = tuple(npz[f"mod.{i}.predictor.{n}"].astype(np.float32)
+                             for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))  # fmt: skip
     return Routers(router, predictor, manifest)
 
 
@@ -112,8 +106,6 @@ class MoDPolicy(ExitPolicy):
         if self.layers is None:
             self.layers = tuple(sorted(self.routers.router))
 
-    def plugs(self) -> Plugs:
-        return Plugs(exit_policy=self)
 
     def route(self, layer, x, positions):
         if layer not in self.layers or self.capacity >= 1.0:

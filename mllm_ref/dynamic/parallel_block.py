@@ -32,7 +32,7 @@ from mllm_ref.nn.attention import attention
 from mllm_ref.nn.rmsnorm import rmsnorm
 from mllm_ref.nn.rope import rope
 from mllm_ref.oracle.registry import Technique, register
-from mllm_ref.tinyvlm.plugs import ExitPolicy, Plugs
+from mllm_ref.tinyvlm.plugs import ExitPolicy
 
 
 def decoder_block(
@@ -96,8 +96,6 @@ class ParallelBlocks(ExitPolicy):
 
     name = "parallel_block"
 
-    def plugs(self) -> Plugs:
-        return Plugs(exit_policy=self)
 
     def parallel(self, layer) -> bool:
         return layer in self.layers

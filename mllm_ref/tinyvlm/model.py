@@ -79,22 +79,35 @@ class TinyVLM:
         return self.params[name]
 
 
+def read_weights(
+    folder: str | Path, *, train: str, default_file: str = "weights.npz", verify: bool = True
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(manifest, arrays)`` of a weights folder: ``manifest.json`` and the npz it names, read with
+    ``allow_pickle=False``; with ``verify`` the file's sha256 must match the manifest. ``train``: the command that
+    makes the folder, named when it is missing. The arrays keep their stored dtypes."""
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no manifest.json in {folder}; train it with {train}")
+    manifest = json.loads(manifest_path.read_text())
+    weights_path = folder / manifest.get("weights_file", default_file)
+    data = weights_path.read_bytes()
+    if verify and hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        raise ValueError(f"{weights_path} does not match the sha256 in {manifest_path}")
+    with np.load(weights_path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return manifest, arrays
+
+
 def load(path: str | Path | None = None, *, verify: bool = True) -> TinyVLM:
     """Load the tiny VLM from a folder with ``tinyvlm.npz`` and ``manifest.json`` (default: the shipped one).
 
     The weights are read with ``allow_pickle=False``; with ``verify`` the file's sha256 must match the manifest.
     """
     folder = WEIGHTS_DIR if path is None else Path(path)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {folder}; train the model with python -m kernels_torch.tinyvlm.train")
-    manifest = json.loads(manifest_path.read_text())
-    weights_path = folder / manifest.get("weights_file", "tinyvlm.npz")
-    data = weights_path.read_bytes()
-    if verify and hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
-        raise ValueError(f"{weights_path} does not match the sha256 in {manifest_path}")
-    with np.load(weights_path, allow_pickle=False) as npz:
-        params = {k: npz[k].astype(np.float32) for k in npz.files}
+    manifest, arrays = read_weights(folder, train="python -m kernels_torch.tinyvlm.train", default_file="tinyvlm.npz",
+                                    verify=verify)  # fmt: skip
+    params = {k: a.astype(np.float32) for k, a in arrays.items()}
     cfg = TinyVLMConfig.from_dict(manifest["config"])
     model = TinyVLM(cfg, params, manifest)
     _check_params(model)

@@ -344,6 +344,10 @@ class ExitPolicy:
         """Whether ``layer`` runs as a parallel block: ``x + attention(norm1(x)) + FFN(norm2(x))``."""
         return False
 
+    def plugs(self) -> "Plugs":
+        """The plain model with this policy as its exit plug."""
+        return Plugs(exit_policy=self)
+
 
 class DecodingStrategy:
     """A decoding loop that replaces token-by-token decoding after the prefill (speculative decoding drafts several
@@ -365,6 +369,10 @@ class DecodingStrategy:
 
     def __call__(self, logits: np.ndarray, rng: np.random.Generator | None = None) -> int:
         raise TypeError(f"{type(self).__name__} runs the whole decoding loop; use mllm_ref.tinyvlm.model.generate")
+
+    def plugs(self) -> "Plugs":
+        """The plain model with this strategy as its decoding plug."""
+        return Plugs(decoding=self)
 
 
 def greedy(logits: np.ndarray, rng: np.random.Generator | None = None) -> int:
